@@ -1,0 +1,272 @@
+"""Honest answer extraction: which option did the model actually choose?
+
+Order (first that yields an answer wins), applied to the *region*: the text after the last
+`## Final Response` header when the model wrote one, else the whole output.
+
+1. ``pattern``: explicit declarations, English and Spanish ("The answer is B", "Answer: B", "I choose B",
+   "La respuesta correcta es la B", "Respuesta: C", "la opción 3 es la correcta", "elijo la B"...). The last
+   declaration in the region wins (a model that corrects itself is scored on its final word).
+2. ``leading``: the region *starts* with an option marker ("B", "B.", "B)", "(B)", "**B**", "Option B",
+   "Opción 3") followed by punctuation, the end, or that option's text; or its last line is only a marker.
+   "I think..." is NOT option I: a bare letter followed by an ordinary word is never read as a choice.
+3. ``mention``: explicit option references anywhere in the region ("option B", "opción 3", "(B)"), only when
+   they all name the same option (two different ones = ambiguous, fall through).
+4. ``option_text``: the region is, starts with, or contains (word-bounded) exactly one option's text.
+5. ``thinking_pattern``: only when a `## Final Response` exists but named no option, a step-1 declaration
+   in the text before it (the conclusion of the reasoning).
+Otherwise ``unparsed``: counted and scored wrong. Never a guess by string similarity (that is the
+HuatuoGPT-compat scorer's behaviour, see `compat.py`).
+
+Letters are matched case-sensitively (an article "a" is never option A). Options are letters A..J
+(MMLU-Pro has 10). For sets whose options are numbered in the source (HEAD-QA, CasiMedicos:
+``numeric=True``), "opción 3" / "respuesta 3" / "answer is 3" map to the third letter (C).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+
+from medsft.data.templates import FINAL_RESPONSE_HEADER
+from medsft.eval.format import check_format
+
+UNPARSED = "unparsed"
+METHODS = ("pattern", "leading", "mention", "option_text", "thinking_pattern", UNPARSED)
+
+# Spanish/English words for yes/no/maybe options (PubMedQA), so "Sí." reads as "yes".
+_YES_NO_ALIASES = {
+    "yes": ("yes", "sí", "si"),
+    "no": ("no",),
+    "maybe": ("maybe", "quizás", "quizas", "quizá", "quiza", "tal vez", "posiblemente"),
+}
+
+
+@dataclass(frozen=True)
+class Extraction:
+    answer: str | None  # a letter key of `options`, or None when unparsed
+    method: str  # one of METHODS
+    region: str  # "final" (text after ## Final Response) | "full" | "thinking"
+    evidence: str = ""  # the matched snippet (for predictions.jsonl)
+
+    @property
+    def parsed(self) -> bool:
+        return self.answer is not None
+
+
+# --------------------------------------------------------------------------------------------- regexes
+
+_OPT_WORD = r"(?:option|choice|opci[oó]n|alternativa)"
+_CHOICE_GAP = r"[\s*_]*"  # markdown emphasis between words and the choice
+
+
+@lru_cache(maxsize=256)
+def _compiled(letters: str, n_numeric: int) -> dict:
+    """Regexes for one option set: `letters` like 'ABCD', numbers 1..n_numeric also accepted when > 0."""
+    alts = [f"[{letters}]"]
+    if n_numeric:
+        alts.append(f"[1-{min(n_numeric, 9)}]")
+    core = "|".join(alts)
+    # The choice: optional emphasis/brackets around ONE letter (or digit), not followed by a letter/digit
+    # (so "Bacteria" is not B, "10" is not 1).
+    choice = (
+        r"(?:\*\*|__|\*)?[\(\[]?(?:\*\*)?(?P<c>" + core + r")(?:\*\*)?[\)\]]?(?:\*\*|__|\*)?"
+        r"(?![A-Za-z0-9\u00C0-\u024F])"
+    )
+    n_art = r"(?:n[º°o]\.?\s*)?"
+    la = r"(?:la\s+|el\s+)?"
+    i = "(?i:"  # scoped case-insensitive group: words are case-insensitive, the letter is not
+    patterns = [
+        # English
+        i + r"\banswer(?:\s+to\s+this\s+question)?" + r")" + _CHOICE_GAP
+        + i + r"(?:is|would\s+be|should\s+be|will\s+be|must\s+be)" + r")" + _CHOICE_GAP
+        + i + r"(?:(?:option|choice|letter)\s*)?" + r")" + r":?" + _CHOICE_GAP + choice,
+        i + r"\banswer" + r")" + _CHOICE_GAP + r"[:=\-–]" + _CHOICE_GAP
+        + i + r"(?:(?:option|choice)\s*)?" + r")" + choice,
+        i + r"\b(?:correct|right|best)\s+(?:option|choice)\s+(?:is|would\s+be)" + r")" + r":?" + _CHOICE_GAP + choice,
+        i + r"\bi(?:\s+would|\s+will|'ll|\s+shall)?\s+(?:choose|select|pick|go\s+with)\s+(?:option\s+|choice\s+)?" + r")" + choice,
+        i + r"\b(?:option|choice)\s+" + r")" + choice + i + r"\s+(?:is|would\s+be)\s+(?:the\s+)?(?:correct|right|best)" + r")",
+        # Spanish
+        i + r"\brespuesta(?:\s+(?:correcta|final|adecuada|acertada|verdadera|m[aá]s\s+adecuada|m[aá]s\s+probable))?"
+        r"(?:\s+a\s+(?:esta|la)\s+pregunta)?" + r")" + _CHOICE_GAP
+        + i + r"(?:es|ser[ií]a|ser[aá])" + r")" + _CHOICE_GAP
+        + i + la + r"(?:(?:opci[oó]n|alternativa|respuesta|letra)\s*)?" + n_art + r")" + r":?" + _CHOICE_GAP + choice,
+        i + r"\brespuesta(?:\s+(?:correcta|final))?" + r")" + _CHOICE_GAP + r"[:=\-–]" + _CHOICE_GAP
+        + i + la + r"(?:(?:opci[oó]n|alternativa)\s*)?" + n_art + r")" + choice,
+        i + r"\b(?:opci[oó]n|alternativa)\s+(?:correcta|adecuada|acertada|m[aá]s\s+adecuada|m[aá]s\s+probable)"
+        r"\s*(?:es|ser[ií]a|ser[aá])?" + r")" + r":?" + _CHOICE_GAP + i + la + r")" + choice,
+        i + r"\bla\s+correcta\s+es\s+" + la + r"(?:(?:opci[oó]n|alternativa|respuesta)\s*)?" + r")" + choice,
+        i + r"\b(?:opci[oó]n|alternativa|respuesta)\s+" + n_art + r")" + choice
+        + i + r"\s+(?:es\s+)?(?:la\s+)?(?:correcta|verdadera|cierta|acertada)" + r")",
+        i + r"\b(?:elijo|escojo|selecciono|me\s+quedo\s+con|marcar[ií]a|marco|elegir[ií]a)\s+" + la
+        + r"(?:(?:opci[oó]n|alternativa|respuesta)\s*)?" + n_art + r")" + choice,
+    ]
+    # Leading marker: at the very start of the region.
+    leading = re.compile(
+        r"\A\s*(?:#+\s*)?(?:\*\*|__)?(?:" + i + r"(?:option|choice|answer|opci[oó]n|alternativa|respuesta)" + r")"
+        r"[\s:]*)?" + choice
+    )
+    mention = re.compile(
+        r"(?:" + i + r"\b" + _OPT_WORD + r")\s+" + n_art + r"(?P<c>" + core + r")"
+        + r"|" + i + r"\brespuesta)\s+" + n_art + r"(?P<c2>" + (f"[1-{min(n_numeric, 9)}]" if n_numeric else "(?!x)x") + r")"
+        + r"|\((?P<c3>[" + letters + r"])\))"
+        r"(?![A-Za-z0-9\u00C0-\u024F])"
+    )
+    return {
+        "patterns": [re.compile(p) for p in patterns],
+        "leading": leading,
+        "mention": mention,
+        "bare_line": re.compile(r"\A\s*" + choice + r"[\s.:)]*\Z"),
+    }
+
+
+def _to_letter(token: str, keys: list[str], numeric: bool) -> str | None:
+    if token.isdigit():
+        if not numeric:
+            return None
+        idx = int(token) - 1
+        return keys[idx] if 0 <= idx < len(keys) else None
+    return token if token in keys else None
+
+
+def _norm(text: str) -> str:
+    text = unicodedata.normalize("NFC", text).lower()
+    text = re.sub(r"[*_`#>]+", " ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _norm_option(text: str) -> str:
+    return _norm(text).strip(" .;:,")
+
+
+def _find_word(haystack: str, needle: str) -> int:
+    """Index of `needle` in `haystack` at word boundaries, or -1."""
+    if not needle:
+        return -1
+    m = re.search(r"(?<![\w])" + re.escape(needle) + r"(?![\w])", haystack)
+    return m.start() if m else -1
+
+
+def _option_text_match(region: str, options: dict[str, str]) -> tuple[str | None, str]:
+    norm_region = _norm(region).strip(" .;:,!")
+    if not norm_region:
+        return None, ""
+    variants: dict[str, list[str]] = {}
+    for key, text in options.items():
+        base = _norm_option(str(text))
+        names = [base] if base else []
+        names += list(_YES_NO_ALIASES.get(base, ()))
+        variants[key] = sorted(set(n for n in names if n), key=len, reverse=True)
+    # (a) the region is exactly an option text
+    for key, names in variants.items():
+        if norm_region in names:
+            return key, norm_region
+    # (b) the region starts with an option text (the longest such)
+    best = None
+    for key, names in variants.items():
+        for name in names:
+            if norm_region.startswith(name) and (len(norm_region) == len(name) or not norm_region[len(name)].isalnum()):
+                if best is None or len(name) > len(best[1]):
+                    best = (key, name)
+    if best:
+        return best
+    # (c) exactly one option text occurs (an option contained in another found option does not count)
+    found = {}
+    for key, names in variants.items():
+        for name in names:
+            if _find_word(norm_region, name) >= 0:
+                found[key] = name
+                break
+    keys = [k for k, name in found.items() if not any(name != other and name in other for other in found.values())]
+    if len(keys) == 1:
+        return keys[0], found[keys[0]]
+    return None, ""
+
+
+def _last_pattern(region: str, rx: dict, keys: list[str], numeric: bool) -> tuple[str | None, str]:
+    best = None  # (position, letter, snippet)
+    for pattern in rx["patterns"]:
+        for m in pattern.finditer(region):
+            letter = _to_letter(m.group("c"), keys, numeric)
+            if letter is not None and (best is None or m.start("c") > best[0]):
+                best = (m.start("c"), letter, m.group(0))
+    return (best[1], best[2].strip()) if best else (None, "")
+
+
+def _leading(region: str, rx: dict, options: dict[str, str], keys: list[str], numeric: bool) -> tuple[str | None, str]:
+    m = rx["leading"].match(region)
+    if m:
+        letter = _to_letter(m.group("c"), keys, numeric)
+        if letter is not None:
+            rest = region[m.end():]
+            nxt = rest.lstrip(" \t")
+            ok = (
+                not rest.strip()  # the region is just the marker
+                or nxt[:1] in (".", ")", ":", "]", "-", "–", ",", ";", "\n", "\r")
+                or m.group(0).rstrip().endswith((")", "]", "*", "_"))  # (B) / **B** / B)
+                or (rest[:1].isspace() and _norm(nxt).startswith(_norm_option(options[letter])[:40]) and options[letter])
+            )
+            # An ordinary word after a bare letter ("I think", "A 45-year-old") is not a choice.
+            if ok:
+                return letter, m.group(0).strip()
+    lines = [ln for ln in region.strip().splitlines() if ln.strip()]
+    if len(lines) > 1:
+        m = rx["bare_line"].match(lines[-1])
+        if m:
+            letter = _to_letter(m.group("c"), keys, numeric)
+            if letter is not None:
+                return letter, lines[-1].strip()
+    return None, ""
+
+
+_NEGATED_AFTER = re.compile(
+    r"\s*(?:\*\*)?\s*(?i:(?:is|es|was|era|seems|parece)?\s*(?:not|no|incorrect|wrong|false|unlikely|incorrecta|falsa|err[oó]nea|descartad))"
+)
+
+
+def _mention(region: str, rx: dict, keys: list[str], numeric: bool) -> tuple[str | None, str]:
+    letters, snippets = set(), []
+    for m in rx["mention"].finditer(region):
+        if _NEGATED_AFTER.match(region, m.end()):
+            continue  # "option A is incorrect" names A only to reject it
+        token = m.group("c") or m.group("c2") or m.group("c3")
+        letter = _to_letter(token, keys, numeric)
+        if letter is not None:
+            letters.add(letter)
+            snippets.append(m.group(0))
+    if len(letters) == 1:
+        return letters.pop(), snippets[-1].strip()
+    return None, ""
+
+
+def extract_answer(text: str, options: dict[str, str], numeric: bool = False) -> Extraction:
+    """The option (a key of `options`) the response chose, and how it was found; see the module doc."""
+    text = text or ""
+    keys = list(options.keys())
+    letters = "".join(k for k in keys if len(k) == 1 and k.isalpha() and k.isupper())
+    if not letters:
+        raise ValueError(f"options must be keyed by capital letters, got {keys}")
+    rx = _compiled(letters, len(keys) if numeric else 0)
+    fc = check_format(text)
+    if fc.has_final:
+        region, region_name = fc.final, "final"
+    else:
+        region, region_name = text, "full"
+
+    steps = (
+        ("pattern", lambda r: _last_pattern(r, rx, keys, numeric)),
+        ("leading", lambda r: _leading(r, rx, options, keys, numeric)),
+        ("mention", lambda r: _mention(r, rx, keys, numeric)),
+        ("option_text", lambda r: _option_text_match(r, options)),
+    )
+    for method, step in steps:
+        letter, evidence = step(region)
+        if letter is not None:
+            return Extraction(letter, method, region_name, evidence)
+    if fc.has_final:
+        before = text[: text.rfind(FINAL_RESPONSE_HEADER)]
+        letter, evidence = _last_pattern(before, rx, keys, numeric)
+        if letter is not None:
+            return Extraction(letter, "thinking_pattern", "thinking", evidence)
+    return Extraction(None, UNPARSED, region_name, "")

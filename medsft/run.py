@@ -1,0 +1,66 @@
+"""From a composed config to a finished stage: validate, pick the stage, report user errors cleanly."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from medsft.config import validate
+from medsft.errors import ConfigError, MedsftError
+
+log = logging.getLogger("medsft")
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _check_required(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError("required config value(s) not set: " + ", ".join(f"{k}=???" for k in missing)
+                          + " (e.g. data.path=/path/to/train.jsonl)")
+
+
+def _run_dir() -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not under Hydra
+        return Path.cwd()
+
+
+def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
+    """Validate and run the configured stage; returns the sweep objective. Raises MedsftError on user errors."""
+    _check_required(cfg)
+    validate(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else _run_dir()
+    if cfg.stage == "sft":
+        from medsft.train.loop import train
+
+        return train(cfg, run_dir)
+    raise ConfigError(f"stage={cfg.stage!r} is not available in this version (available: sft)")
+
+
+def run_from_hydra(cfg: DictConfig) -> Optional[float]:
+    """Hydra task function body: user errors print one clear message and exit non-zero, no traceback."""
+    try:
+        return run(cfg)
+    except MedsftError as err:
+        print(f"medsft: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
+
+
+def cli_main(argv: list[str]) -> int:
+    """`medsft train [overrides]`: the same as `python launch.py [overrides]`."""
+    import hydra
+
+    from medsft.config import register_configs
+
+    register_configs()
+    sys.argv = ["medsft train", *argv]
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(run_from_hydra)()
+    return 0

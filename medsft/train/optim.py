@@ -1,0 +1,109 @@
+"""Optimizer parameter groups, the step plan (how many optimizer steps a run has) and the LR schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Parameter-name fragments of normalisation layers across Llama/Qwen/Mistral/GPT-style models. HuatuoGPT's
+# "LayerNorm.weight" filter misses Llama's `input_layernorm`, `post_attention_layernorm` and final `norm`.
+_NORM_MARKERS = ("norm", "ln_", "ln1", "ln2", "layernorm")
+
+
+def is_no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Biases, norm weights and any 1-D parameter never get weight decay; matrices do."""
+    lowered = name.lower()
+    if param.ndim < 2 or lowered.endswith(".bias"):
+        return True
+    module_and_leaf = lowered.rsplit(".", 2)[-2:]
+    return any(marker in part for part in module_and_leaf for marker in _NORM_MARKERS)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if is_no_decay(name, param) else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, opt_cfg) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        param_groups(model, opt_cfg.weight_decay),
+        lr=opt_cfg.learning_rate,
+        betas=tuple(opt_cfg.betas),
+        eps=opt_cfg.eps,
+    )
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How the data maps onto micro-batches and optimizer steps, identical on every process.
+
+    Each epoch's permutation is padded to a multiple of `world` (like DistributedSampler), cut into global
+    micro-batches of `bsz * world` examples (the last one may be smaller but still divisible by `world`),
+    and every `accum` consecutive micro-batches form one optimizer step (the epoch's last group may be
+    shorter: it still steps, so no example is dropped).
+    """
+
+    num_examples: int
+    bsz: int
+    accum: int
+    world: int
+    epochs: int
+    max_steps: int = 0
+
+    @property
+    def padded_examples(self) -> int:
+        return math.ceil(self.num_examples / self.world) * self.world
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return math.ceil(self.padded_examples / (self.bsz * self.world))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.micro_batches_per_epoch / self.accum)
+
+    @property
+    def total_steps(self) -> int:
+        full = self.steps_per_epoch * self.epochs
+        return min(full, self.max_steps) if self.max_steps > 0 else full
+
+    @property
+    def global_batch(self) -> int:
+        return self.bsz * self.accum * self.world
+
+    def warmup_steps(self, warmup_rates: float) -> int:
+        return int(math.ceil(warmup_rates * self.total_steps))
+
+
+def lr_multiplier(step: int, total: int, warmup: int, kind: str, min_ratio: float = 0.0) -> float:
+    """LR factor for optimizer step `step` (0-based): linear warmup, then cosine/linear decay to min_ratio."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    decay_steps = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
+    if kind == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, opt_cfg, plan: StepPlan) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped exactly once per optimizer step by the loop (never prepared by accelerate, whose
+    wrapper would step it once per process)."""
+    total, warmup = plan.total_steps, plan.warmup_steps(opt_cfg.warmup_rates)
+    kind, min_ratio = opt_cfg.scheduler, opt_cfg.min_lr_ratio
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total, warmup, kind, min_ratio)
+    )
