@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "data": ("medsft.data.cli", "check / stats / sample / show a data file"),
     "eval": ("medsft.eval.cli", "evaluate a model on medical benchmarks (Hydra overrides)"),
     "prepare-model": ("medsft.models", "prepare a model (e.g. the embedded SmolLM2) into the local cache"),
+    "sweep-report": ("medsft.sweep.report", "table (md + csv) and PNG plots of a multirun folder"),
 }
 
 

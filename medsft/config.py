@@ -171,6 +171,15 @@ class GenerationCheckConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Multirun (`--multirun`) behaviour; see medsft/sweep."""
+
+    continue_on_failure: bool = True  # a failed job is recorded in its final.json and the sweep goes on
+    report: bool = True  # report.md/csv + PNG plots in the sweep folder at the end of a multirun
+    checkpoints: str = "output_dir"  # output_dir ({output_dir}/sweeps/<sweep>/<job>/...) | job_dir
+
+
+@dataclass
 class Config:
     defaults: list[Any] = field(default_factory=list)
     stage: str = "sft"
@@ -191,12 +200,18 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     generation_check: GenerationCheckConfig = field(default_factory=GenerationCheckConfig)
+    # Stage 2 (stage=rl): typed by medsft.rl.config.RLConfig when an `rl=` preset is selected; null otherwise.
+    rl: Any = None
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register_configs() -> None:
     """Register the schema so `conf/config.yaml` can name it first in its defaults list."""
     cs = ConfigStore.instance()
     cs.store(name="medsft_schema", node=Config)
+    from medsft.rl.config import register_rl_configs
+
+    register_rl_configs()
 
 
 _CHOICES = {

@@ -32,7 +32,7 @@ def build_accelerator(cfg: DictConfig):
     cpu = use_cpu(cfg)
     mixed_precision = resolve_mixed_precision(cfg, cpu)
     handlers = []
-    if cpu:
+    if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # gloo on CPU; without it accelerate under DeepSpeed believes world=1 and its batch assert fails.
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
     deepspeed_plugin = None

@@ -42,11 +42,21 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
         from medsft.train.loop import train
 
         return train(cfg, run_dir)
-    raise ConfigError(f"stage={cfg.stage!r} is not available in this version (available: sft)")
+    if cfg.stage == "rl":
+        from medsft.rl.trainer import train_rl
+
+        return train_rl(cfg, run_dir)
+    raise ConfigError(f"stage={cfg.stage!r} is not available in this version (available: sft, rl)")
 
 
 def run_from_hydra(cfg: DictConfig) -> Optional[float]:
     """Hydra task function body: user errors print one clear message and exit non-zero, no traceback."""
+    from medsft.sweep.job import is_multirun
+
+    if is_multirun():  # per-job checkpoints, final.json, failures recorded (sweep.continue_on_failure)
+        from medsft.sweep.job import run_job
+
+        return run_job(cfg, lambda job_cfg, job_dir: run(job_cfg, job_dir))
     try:
         return run(cfg)
     except MedsftError as err:

@@ -81,7 +81,7 @@ class LoadReport:
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
-    return {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number"}.get(
+    return {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number", str: "a string"}.get(
         type(value), type(value).__name__
     )
 
@@ -183,7 +183,7 @@ def _parse_json_list(text: str, path: str) -> list[tuple[Any, int]]:
         pos = skip_ws(pos)
         if pos == n:
             after = f" after record #{len(items) - 1}" if items else ""
-            raise DataError(f"{path}: invalid JSON: the list is not closed (no ']'{after})")
+            raise DataError(f"{path}: invalid JSON: the list is not closed (no ']'{after}, line {line_at(pos)})")
         start_line = line_at(pos)
         if text[pos] == "]":
             raise DataError(f"{path}: invalid JSON at line {start_line}: trailing ',' after record #{len(items) - 1}")
@@ -201,7 +201,12 @@ def _parse_json_list(text: str, path: str) -> list[tuple[Any, int]]:
             continue
         if pos < n and text[pos] == "]":
             break
-        found = repr(text[pos:pos + 20]) if pos < n else "the end of the file"
+        if pos == n:
+            raise DataError(
+                f"{path}: invalid JSON: the list is not closed (no ']' after record #{len(items) - 1}, "
+                f"line {line_at(pos)})"
+            )
+        found = repr(text[pos:pos + 20])
         raise DataError(
             f"{path}: invalid JSON at line {line_at(pos)} after record #{len(items) - 1}: "
             f"expected ',' or ']' but found {found}"
@@ -228,17 +233,19 @@ def _parse_jsonl(data: bytes, path: str, problems: dict[int, list[str]]) -> list
             continue
         index = len(items)
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            problems[index] = [f"not valid UTF-8 (byte {err.start} of the line: {raw[err.start:err.start + 4]!r}); "
-                               "save the file as UTF-8"]
-            items.append((_INVALID, lineno))
-            continue
+            text, bad_utf8 = raw.decode("utf-8"), False
+        except UnicodeDecodeError:
+            text, bad_utf8 = raw.decode("utf-8", "surrogateescape"), True
         try:
-            items.append((loads(text), lineno))
+            value = loads(text)
         except json.JSONDecodeError as err:
             problems[index] = [f"invalid JSON at column {err.colno}: {err.msg}"]
             items.append((_INVALID, lineno))
+            continue
+        if bad_utf8:
+            problems[index] = [f"{k!r} is not valid UTF-8" for k in _bad_utf8_fields(value) or ["(line)"]]
+            value = _INVALID
+        items.append((value, lineno))
     if not items:
         raise DataError(f"{path}: file is empty (no records)")
     return items
@@ -293,7 +300,7 @@ def read_raw(path: str | os.PathLike, fmt: str = "auto") -> tuple[list[tuple[Any
                 for index, (value, line) in enumerate(items):
                     keys = _bad_utf8_fields(value)
                     if keys:
-                        problems[index] = [f"{k!r} is not valid UTF-8 (save the file as UTF-8)" for k in keys]
+                        problems[index] = [f"{k!r} is not valid UTF-8" for k in keys]
                         items[index] = (_INVALID, line)
                 if not problems:  # outside any record (e.g. between them): a file-level problem
                     raise DataError(f"{path}: not valid UTF-8 outside the records; save the file as UTF-8")
@@ -338,11 +345,12 @@ def load_records(
             continue
         errs: list[str] = []
         texts: list[str] = []
+        missing = [name for name in (fq, fr, fa) if name not in value]
+        if missing:
+            errs.append("missing " + ", ".join(repr(m) for m in missing))
+            missing_q += fq in missing
         for name in (fq, fr, fa):
-            if name not in value:
-                errs.append(f"missing {name!r}")
-                if name == fq:
-                    missing_q += 1
+            if name in missing:
                 continue
             v = value[name]
             if not isinstance(v, str):
@@ -381,16 +389,21 @@ def load_records(
     if bad:
         head = f"{path}: {len(bad)} of {len(items)} records invalid: {_listing(bad)}"
         hint = ""
-        if missing_q == len(items):
-            hint = (
-                f" (no record has {fq!r}; keys seen: {sorted(key_sample)[:12]}. Map your keys with "
-                "data.fields.question/reasoning/response"
-                + (", or use data=huatuo_en for HuatuoGPT-o1's English schema" if "Question" in key_sample else "")
-                + ")"
+        if missing_q == len(items):  # the whole file uses other keys: say that first, list only a few
+            preset = "Question" in key_sample and "Complex_CoT" in key_sample
+            head = (
+                f"{path}: no record has the question field {fq!r} (keys in the file: {sorted(key_sample)[:12]}); "
+                "map your keys with data.fields.question/reasoning/response"
+                + (" or use the preset for HuatuoGPT-o1's English schema (data=huatuo_en; "
+                   "`medsft data ... --fields-preset huatuo_en`)" if preset else "")
+                + f". {len(bad)} of {len(items)} records invalid: {_listing(bad[:3])}"
+                + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
             )
+        if any("not valid UTF-8" in b for b in bad):
+            hint += " Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.json > out.json`)."
         if on_invalid == "error" or not records:
             tail = " Fix them, or set data.on_invalid=skip to drop them." if records else ""
-            raise DataError(head + hint + "." + tail)
+            raise DataError(head + "." + hint + tail)
         log.warning("%s; skipped (data.on_invalid=skip)", head)
     if report.duplicates:
         log.warning(

@@ -21,6 +21,7 @@ tokenized in two batched calls. That is the very call `apply_chat_template(token
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -31,6 +32,7 @@ from medsft.errors import DataError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+_PLACEHOLDER = re.compile(r"\{reasoning\}|\{response\}")
 _TOLD: set[str] = set()  # tokenizers already told about the assigned template
 
 
@@ -78,9 +80,8 @@ def format_response(template: str, reasoning: str, response: str) -> str:
     Plain substitution (not str.format), so braces in the layout or in medical text are never interpreted.
     Surrounding whitespace is stripped (the Llama-3 template trims message content anyway).
     """
-    template = template or DEFAULT_RESPONSE_TEMPLATE
-    out = template.replace("{reasoning}", "\x00R\x00").replace("{response}", "\x00A\x00")
-    return out.replace("\x00R\x00", reasoning).replace("\x00A\x00", response).strip()
+    values = {"{reasoning}": reasoning, "{response}": response}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(0)], template or DEFAULT_RESPONSE_TEMPLATE).strip()
 
 
 def _render_texts(tokenizer: Any, convs: list[list[dict]], generation_prompt: bool) -> list[str]:

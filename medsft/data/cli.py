@@ -1,0 +1,374 @@
+"""`medsft data check|stats|sample|show`: look at a data file before training on it.
+
+  medsft data check PATH [--fields-preset es|huatuo_en]           structure and validation; exit 0 valid, 1 not
+  medsft data stats PATH --model M [--max-seq-len N --bsz B --accum A --world W --epochs E]
+                                                                   token lengths, share over max_seq_len, steps
+  medsft data sample PATH --n 10 --out FILE [--seed S]            a seeded random subset, records unchanged
+  medsft data show PATH --index I --model M                       the training text, loss-carrying part marked
+
+--model takes what model.path takes: a local directory, `tiny-random:llama`, `embedded:smollm2-135m-instruct`
+or a Hub id (resolved and loaded exactly as training loads it). Field presets are the files of conf/data/
+(`es` = the Spanish default schema). Exit codes: 0 ok, 1 bad data / path / model, 2 bad usage (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from medsft.errors import DataError, MedsftError
+
+log = logging.getLogger("medsft.data")
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _repo_root() -> Path:
+    import medsft
+
+    return Path(medsft.__file__).resolve().parents[1]
+
+
+def presets() -> list[str]:
+    names = {"es"}
+    conf = _repo_root() / "conf" / "data"
+    if conf.is_dir():
+        names.update(p.stem for p in conf.glob("*.yaml"))
+    return sorted(names)
+
+
+def fields_for(preset: Optional[str]) -> Any:
+    """The FieldMap of a conf/data preset (`es`, or any conf/data/<name>.yaml)."""
+    from omegaconf import OmegaConf
+
+    from medsft.config import FieldMap
+
+    base = OmegaConf.structured(FieldMap)
+    if preset in (None, "", "es"):
+        return OmegaConf.to_object(base)
+    path = _repo_root() / "conf" / "data" / f"{preset}.yaml"
+    if not path.is_file():
+        raise DataError(f"--fields-preset {preset!r}: no such preset (available: {', '.join(presets())})")
+    node = OmegaConf.load(path)
+    fields = node.get("fields") if isinstance(node, dict) or hasattr(node, "get") else None
+    if fields is not None:
+        base = OmegaConf.merge(base, fields)
+    return OmegaConf.to_object(base)
+
+
+def _data_cfg(args: argparse.Namespace, **over: Any) -> Any:
+    from medsft.config import DataConfig
+
+    cfg = DataConfig()
+    cfg.path = args.path
+    cfg.fields = fields_for(getattr(args, "fields_preset", None))
+    for key in ("format", "on_invalid", "max_seq_len", "overlong", "system_prompt", "response_template"):
+        value = getattr(args, key, None)
+        if value is not None:
+            setattr(cfg, key, value)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _load_tokenizer(model: str) -> Any:
+    """The tokenizer training would use for model.path=`model` (with its pad token and chat template)."""
+    from medsft.data.render import ensure_chat_template
+
+    try:
+        from medsft import models
+    except ImportError:  # pragma: no cover - models.py is part of the package
+        models = None
+    if models is not None and hasattr(models, "load_tokenizer"):
+        from medsft.config import ModelConfig
+
+        tok = models.load_tokenizer(ModelConfig(path=model))
+    else:  # pragma: no cover
+        from transformers import AutoTokenizer
+
+        if not Path(model).expanduser().is_dir():
+            raise DataError(f"--model {model}: no such directory")
+        tok = AutoTokenizer.from_pretrained(str(Path(model).expanduser()))
+    ensure_chat_template(tok)
+    return tok
+
+
+def _percentiles(values: Sequence[int]) -> dict:
+    if not values:
+        return {}
+    s = sorted(values)
+
+    def q(p: float) -> int:
+        return s[min(len(s) - 1, int(round(p * (len(s) - 1))))]
+
+    return {"min": s[0], "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": s[-1],
+            "mean": round(statistics.fmean(s), 1)}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a .json (list of records) / .jsonl / .parquet file")
+    p.add_argument("--fields-preset", default=None, metavar="NAME",
+                   help="field mapping: es (default: Pregunta/Razonamiento_Complejo/Respuesta) or huatuo_en "
+                        "(Question/Complex_CoT/Response), i.e. a conf/data/<NAME>.yaml")
+    p.add_argument("--format", default=None, choices=["auto", "json", "jsonl", "parquet"])
+
+
+def _add_render(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model.path: directory, tiny-random:llama, embedded:..., hub id")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--response-template", default=None, help="default: the HuatuoGPT-o1 layout")
+
+
+# -------------------------------------------------------------------------------------------------- commands
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from medsft.data.records import load_records
+
+    fields = fields_for(args.fields_preset)
+    logging.getLogger("medsft.data.records").setLevel(logging.ERROR)  # we print the report ourselves
+    records, report = load_records(args.path, fields, on_invalid="skip", fmt=args.format or "auto")
+    if report.invalid:
+        shown = report.invalid[: args.max_errors]
+        print(f"{args.path}: {len(report.invalid)} of {report.total} records invalid:", file=sys.stderr)
+        for msg in shown:
+            print(f"  {msg}", file=sys.stderr)
+        if len(report.invalid) > len(shown):
+            print(f"  ... and {len(report.invalid) - len(shown)} more", file=sys.stderr)
+        print(f"INVALID: {report.summary()}", file=sys.stderr)
+        return 1
+    print(f"OK: {report.summary()}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from medsft.data.dataset import tokenize_records
+    from medsft.data.records import load_records
+    from medsft.data.render import apply_length_policy
+
+    cfg = _data_cfg(args)
+    records, report = load_records(args.path, cfg.fields, on_invalid=cfg.on_invalid, fmt=cfg.format)
+    tok = _load_tokenizer(args.model)
+    rendered = tokenize_records(tok, records, report, cfg, use_cache=not args.no_cache)
+    max_len = cfg.max_seq_len
+    prompt = [r.prompt_len for r in rendered]
+    response = [r.loss_end - r.prompt_len for r in rendered]  # content + end-of-turn token
+    total = [len(r.ids) for r in rendered]
+    over = sum(1 for r in rendered if r.loss_end > max_len)
+    prompt_over = sum(1 for r in rendered if r.prompt_len >= max_len)
+    kept = trained_tokens = loss_tokens = truncated = 0
+    for r, rec in zip(rendered, records):
+        res = apply_length_policy(r, max_len, "truncate" if cfg.overlong == "error" else cfg.overlong, rec)
+        if res.example is not None:
+            kept += 1
+            trained_tokens += len(res.example["input_ids"])
+            loss_tokens += min(r.loss_end, len(res.example["input_ids"])) - r.prompt_len
+            truncated += res.status == "truncated"
+    out: dict[str, Any] = {
+        "path": args.path,
+        "model": args.model,
+        "records": report.total,
+        "valid": report.kept,
+        "invalid": len(report.invalid),
+        "duplicates": report.duplicates,
+        "prompt_tokens": _percentiles(prompt),
+        "response_tokens": _percentiles(response),
+        "total_tokens": _percentiles(total),
+        "sum_tokens": sum(total),
+        "max_seq_len": max_len,
+        "over_max_seq_len": over,
+        "over_max_seq_len_share": round(over / len(rendered), 4) if rendered else 0.0,
+        "prompt_alone_over": prompt_over,
+        "overlong_policy": cfg.overlong,
+        "examples_after_policy": kept,
+        "truncated": truncated,
+        "trained_tokens": trained_tokens,
+        "loss_tokens": loss_tokens,
+    }
+    steps = _steps(kept, args.bsz, args.accum, args.world, args.epochs)
+    out.update(steps)
+    if args.json:
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{args.path}: {report.total} records, {report.kept} valid"
+          + (f", {len(report.invalid)} invalid (skipped)" if report.invalid else "")
+          + (f", {report.duplicates} duplicates" if report.duplicates else ""))
+    print(f"tokenizer: {args.model} (chat template rendering, as in training)")
+    print(f"{'tokens':<22}{'min':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'mean':>10}")
+    for label, key in (("prompt", "prompt_tokens"), ("response (+end turn)", "response_tokens"),
+                       ("total", "total_tokens")):
+        d = out[key]
+        print(f"{label:<22}{d['min']:>8}{d['p50']:>8}{d['p90']:>8}{d['p99']:>8}{d['max']:>8}{d['mean']:>10}")
+    print(f"total tokens: {out['sum_tokens']:,}")
+    print(f"over max_seq_len={max_len}: {over} of {len(rendered)} ({100 * out['over_max_seq_len_share']:.1f}%)"
+          + (f", {prompt_over} with the prompt alone over it (never trained)" if prompt_over else ""))
+    print(f"with data.overlong={cfg.overlong}: {kept} examples ({truncated} truncated), {trained_tokens:,} tokens, "
+          f"{loss_tokens:,} carrying loss")
+    print(f"estimated optimizer steps: {steps['steps_per_epoch']} per epoch x {args.epochs} epochs = "
+          f"{steps['total_steps']} (global batch {steps['global_batch']} = {args.bsz} per device x {args.accum} "
+          f"accumulation x {args.world} processes)")
+    return 0
+
+
+def _steps(n: int, bsz: int, accum: int, world: int, epochs: int) -> dict:
+    for name, v in (("--bsz", bsz), ("--accum", accum), ("--world", world), ("--epochs", epochs)):
+        if v < 1:
+            raise DataError(f"{name}={v} must be >= 1")
+    try:
+        from medsft.train.optim import StepPlan
+
+        plan = StepPlan(num_examples=n, bsz=bsz, accum=accum, world=world, epochs=epochs)
+        per_epoch, total = plan.steps_per_epoch, plan.total_steps
+    except ImportError:  # pragma: no cover - same arithmetic as the training loop's StepPlan
+        import math
+
+        micro = math.ceil(math.ceil(n / world) * world / (bsz * world))
+        per_epoch = math.ceil(micro / accum)
+        total = per_epoch * epochs
+    return {"steps_per_epoch": per_epoch, "total_steps": total, "global_batch": bsz * accum * world}
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from medsft.data.records import load_records, read_raw
+
+    if args.n < 1:
+        raise DataError(f"--n {args.n} must be >= 1")
+    src, out = Path(args.path), Path(args.out)
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise DataError(f"--out {args.out} is the input file; write the sample elsewhere")
+    records, report = load_records(args.path, fields_for(args.fields_preset), on_invalid=args.on_invalid,
+                                   fmt=args.format or "auto")
+    items = read_raw(args.path, args.format or "auto")[0]
+    n = min(args.n, len(records))
+    if n < args.n:
+        print(f"note: only {len(records)} valid records; writing all of them", file=sys.stderr)
+    picked = sorted(random.Random(args.seed).sample(range(len(records)), n))
+    rows = [items[records[i].index][0] for i in picked]
+    jsonl = out.suffix.lower() in (".jsonl", ".ndjson")
+    text = ("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) if jsonl
+            else json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, out)
+    print(f"wrote {n} records (seed {args.seed}) of {report.total} from {args.path} to {out}")
+    return 0
+
+
+_GREEN, _DIM, _RESET = "\033[1;32m", "\033[2m", "\033[0m"
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from medsft.data.records import load_records
+    from medsft.data.render import apply_length_policy, render_records
+
+    cfg = _data_cfg(args)
+    logging.getLogger("medsft.data.records").setLevel(logging.ERROR)
+    records, report = load_records(args.path, cfg.fields, on_invalid="skip", fmt=cfg.format)
+    rec = next((r for r in records if r.index == args.index), None)
+    if rec is None:
+        bad = next((m for m in report.invalid if m.startswith(f"#{args.index} ")), None)
+        if bad:
+            raise DataError(f"{args.path}: record {bad}")
+        raise DataError(f"{args.path}: no record #{args.index} (indices 0..{report.total - 1})")
+    tok = _load_tokenizer(args.model)
+    r = render_records(tok, [rec], cfg.response_template, cfg.system_prompt)[0]
+    status = "no --max-seq-len given: not cut"
+    ids, n_loss_end = r.ids, r.loss_end
+    if args.max_seq_len:
+        res = apply_length_policy(r, args.max_seq_len, cfg.overlong if cfg.overlong != "error" else "drop", rec)
+        if res.example is None:
+            status = f"{res.status} at max_seq_len={args.max_seq_len} (data.overlong={cfg.overlong}): never trained"
+        else:
+            ids = res.example["input_ids"]
+            n_loss_end = min(r.loss_end, len(ids))
+            status = f"{res.status} at max_seq_len={args.max_seq_len}"
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    dec = lambda xs: tok.decode(xs, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
+    prompt, loss, tail = dec(ids[: r.prompt_len]), dec(ids[r.prompt_len : n_loss_end]), dec(ids[n_loss_end:])
+    n_loss = n_loss_end - r.prompt_len
+    print(f"# {rec.where()} | {args.model} | {len(ids)} tokens: prompt {r.prompt_len} (no loss), "
+          f"{n_loss} carrying loss, {len(ids) - n_loss_end} after the end of turn (no loss) | {status}")
+    if color:
+        print(f"# legend: {_DIM}prompt (no loss){_RESET} {_GREEN}trained on (loss){_RESET}")
+        sys.stdout.write(f"{_DIM}{prompt}{_RESET}{_GREEN}{loss}{_RESET}{_DIM}{tail}{_RESET}\n")
+    else:
+        print("# legend: the text inside [[ ]] carries loss; the rest is context only")
+        sys.stdout.write(f"{prompt}[[{loss}]]{tail}\n")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medsft.config import DataConfig, TrainConfig
+
+    d, t = DataConfig(), TrainConfig()
+    parser = argparse.ArgumentParser(prog="medsft data", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="{check,stats,sample,show}")
+    sub.required = True
+
+    p = sub.add_parser("check", help="validate a data file (exit 0 valid, 1 invalid)")
+    _add_common(p)
+    p.add_argument("--max-errors", type=int, default=50, help="invalid records listed (default 50)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("stats", help="token-length distribution, share over max_seq_len, estimated steps")
+    _add_common(p)
+    _add_render(p)
+    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len)
+    p.add_argument("--overlong", default=d.overlong, choices=["drop", "truncate", "error"])
+    p.add_argument("--on-invalid", default="error", choices=["error", "skip"])
+    p.add_argument("--bsz", type=int, default=t.train_bsz_per_gpu, help="train_bsz_per_gpu")
+    p.add_argument("--accum", type=int, default=t.gradient_accumulation_steps, help="gradient_accumulation_steps")
+    p.add_argument("--world", type=int, default=1, help="number of processes (GPUs)")
+    p.add_argument("--epochs", type=int, default=t.n_epochs)
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the tokenization cache")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("sample", help="write a seeded random subset of the valid records")
+    _add_common(p)
+    p.add_argument("--n", type=int, default=10)
+    p.add_argument("--out", required=True, help="output file (.json list, or .jsonl)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--on-invalid", default="error", choices=["error", "skip"])
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("show", help="print one record's training text with the loss-carrying part marked")
+    _add_common(p)
+    _add_render(p)
+    p.add_argument("--index", type=int, required=True, help="record index in the file (0-based, as in messages)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="apply the length policy at this length")
+    p.add_argument("--overlong", default=d.overlong, choices=["drop", "truncate", "error"])
+    p.add_argument("--color", default="auto", choices=["auto", "always", "never"])
+    p.set_defaults(func=cmd_show)
+    return parser
+
+
+def cli_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except MedsftError as err:
+        print(f"medsft data {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

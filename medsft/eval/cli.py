@@ -1,0 +1,86 @@
+"""`medsft eval [--compat-huatuo] [--cfg] [overrides...]`: Hydra-composed evaluation.
+
+    medsft eval model=tiny_random eval=headqa_es eval.limit=200 eval.max_new_tokens=512
+    medsft eval model.path=ckpts/my_run/final eval=casimedicos_es
+    medsft eval eval=huatuo_o1 'eval.subsets=[MedQA_USLME_test,PubMedQA_test]' --compat-huatuo
+    medsft eval eval=custom eval.path=my_questions.json eval.language=es
+
+Composes `conf/evaluate.yaml` (config dir = the project's `conf/`, same `model` group as training) with
+Hydra's compose API, so typos and wrong types fail before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from medsft.errors import ConfigError
+
+USAGE = __doc__
+
+
+def config_dir() -> Path:
+    import medsft
+
+    return Path(medsft.__file__).resolve().parents[1] / "conf"
+
+
+def compose_eval_config(overrides: list[str] | None = None):
+    """The composed, validated evaluate config (a DictConfig typed by EvaluateConfig)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from medsft.eval.config import register_eval_configs, validate_eval
+
+    conf = config_dir()
+    if not (conf / "evaluate.yaml").exists():
+        raise ConfigError(f"{conf}/evaluate.yaml not found (medsft eval needs the project's conf/ folder)")
+    register_eval_configs()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3", job_name="medsft_eval"):
+            cfg = compose(config_name="evaluate", overrides=list(overrides or []))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(
+                "missing required value(s): " + ", ".join(missing) + " (e.g. eval.path=/path/to/questions.json)"
+            )
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"cannot compose the eval config: {err}") from None
+    validate_eval(cfg)
+    return cfg
+
+
+def cli_main(argv: list[str]) -> int:
+    argv = list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    overrides, print_cfg = [], False
+    for a in argv:
+        if a in ("--compat-huatuo", "--compat_huatuo"):
+            overrides.append("eval.compat_huatuo=true")
+        elif a in ("--cfg", "--print-config"):
+            print_cfg = True
+        elif a.startswith("-"):
+            raise ConfigError(f"unknown option {a!r}; options: --compat-huatuo, --cfg, -h (overrides are key=value)")
+        else:
+            overrides.append(a)
+    cfg = compose_eval_config(overrides)
+    if print_cfg:
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from medsft.eval.runner import print_summary, run_evaluation
+
+    out = run_evaluation(cfg)
+    print_summary(out)
+    print(f"wrote {out / 'predictions.jsonl'}, {out / 'summary.json'}, {out / 'summary.md'}")
+    return 0

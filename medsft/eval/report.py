@@ -1,0 +1,87 @@
+"""Write an evaluation run: predictions.jsonl, summary.json and summary.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from medsft.eval.compat import COMPAT_LABEL
+
+
+def append_predictions(path: Path, predictions: Iterable[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for p in predictions:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _skipped(s: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in s.items() if v) or "-"
+
+
+def render_markdown(summary: dict) -> str:
+    """A human-readable table of summary.json."""
+    lines = [f"# medsft eval: {summary.get('model', {}).get('label', '?')}", ""]
+    model = summary.get("model", {})
+    gen = summary.get("generation", {})
+    lines.append(
+        f"model `{model.get('path')}` · backend {gen.get('backend')} · "
+        f"{'sampling (T=%s, top_p=%s)' % (gen.get('temperature'), gen.get('top_p')) if gen.get('do_sample') else 'greedy'}"
+        f" · max_new_tokens {gen.get('max_new_tokens')} · {summary.get('created', '')}"
+    )
+    lines += [
+        "",
+        "Accuracy = answers whose extracted option equals the gold one / questions; an answer naming no option "
+        "(UNPARSED) counts as wrong. Format = `## Thinking` and `## Final Response` once each, in order, both non-empty.",
+        "",
+        "| benchmark | n | accuracy | unparsed | format compliance | mean chars | mean tokens | truncated | skipped |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    benches = summary.get("benchmarks", {})
+    for name, m in benches.items():
+        lines.append(
+            f"| {name} | {m['n']} | {_pct(m['accuracy'])} | {_pct(m['unparsed_rate'])} ({m['unparsed']}) | "
+            f"{_pct(m['format_compliance'])} | {m['mean_output_chars']:.0f} | "
+            f"{m.get('mean_output_tokens', 0):.0f} | {_pct(m.get('truncated_rate'))} | {_skipped(m.get('skipped', {}))} |"
+        )
+    overall = summary.get("overall")
+    if overall and len(benches) > 1:
+        lines.append(
+            f"| **all (micro)** | {overall['n']} | {_pct(overall['accuracy'])} | {_pct(overall['unparsed_rate'])} | "
+            f"{_pct(overall['format_compliance'])} | {overall['mean_output_chars']:.0f} | "
+            f"{overall.get('mean_output_tokens', 0):.0f} | {_pct(overall.get('truncated_rate'))} | |"
+        )
+    if any("compat_huatuo" in m for m in benches.values()):
+        lines += [
+            "",
+            f"## {COMPAT_LABEL}",
+            "",
+            "HuatuoGPT-o1's own scorer, for comparison with the paper only: max(first-letter, last-letter) accuracy "
+            "over the benchmark, an answer forced by string similarity when none is found, empty outputs dropped, "
+            "and a loose letter regex (reads option I from \"I think\"). Not an accuracy of what the model answered.",
+            "",
+            "| benchmark | scored | dropped empty | compat accuracy | head | tail | honest accuracy | difference |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, m in benches.items():
+            c = m.get("compat_huatuo")
+            if not c:
+                continue
+            lines.append(
+                f"| {name} | {c['n_scored']} | {c['n_dropped_empty']} | {_pct(c['accuracy'])} | {_pct(c['head'])} | "
+                f"{_pct(c['tail'])} | {_pct(m['accuracy'])} | {100 * (c['accuracy'] - m['accuracy']):+.1f} pt |"
+            )
+    notes = [(name, n) for name, m in benches.items() for n in m.get("notes", [])]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {name}: {n}" for name, n in notes]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_summary(out_dir: Path, summary: dict) -> None:
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out_dir / "summary.md").write_text(render_markdown(summary), encoding="utf-8")

@@ -1,0 +1,243 @@
+"""The SFT loop on the real tiny random model: learning, LR curve, loss normalisation, checkpoints, secrets."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from medsft.train import checkpoint as ckpt
+from medsft.train.metrics import read_metrics, token_loss_sums
+from train_utils import ROOT, compose_cfg, launch, reset_accelerate, tiny_overrides, train_in_process
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == kind]
+
+
+def test_loss_decreases_and_val_loss_falls(tmp_path):
+    objective, run_dir = train_in_process(tmp_path, "train.n_epochs=3")
+    train = _records(run_dir, "train")
+    first, last = train[0]["loss"], train[-1]["loss"]
+    assert last < 0.8 * first, (first, last)
+    summary = _records(run_dir, "summary")[-1]
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert objective == pytest.approx(summary["val_loss_after"])
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for record in train:
+        assert 0.0 <= record["token_acc"] <= 1.0
+        assert record["tokens_per_s"] > 0 and record["grad_norm"] is not None
+
+
+def test_logged_lr_follows_warmup_then_cosine(tmp_path):
+    _, run_dir = train_in_process(tmp_path, "train.n_epochs=2", "optimizer.warmup_rates=0.25",
+                                  "optimizer.learning_rate=1e-3", "train.train_bsz_per_gpu=2")
+    train = _records(run_dir, "train")
+    total = len(train)
+    assert [r["step"] for r in train] == list(range(1, total + 1))
+    warmup = math.ceil(0.25 * total)
+    for record in train:
+        s = record["step"] - 1
+        if s < warmup:
+            expected = 1e-3 * (s + 1) / warmup
+        else:
+            expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+        assert record["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert max(r["lr"] for r in train) == pytest.approx(1e-3)
+
+
+def _first_step(tmp_path, name, *extra):
+    _, run_dir = train_in_process(tmp_path / name, "train.max_steps=1", "optimizer.max_grad_norm=1e9",
+                                  "data.val_ratio=0", "checkpoint.save_final=false",
+                                  "checkpoint.save_at_epoch_end=false", *extra)
+    return _records(run_dir, "train")[0]
+
+
+def test_loss_is_the_token_mean_of_the_whole_step(tmp_path):
+    """Two micro-batches of one example each must give the loss and gradient of one batch of two."""
+    # A briefly trained model, so examples differ in per-token loss (a random one is uniform everywhere).
+    train_in_process(tmp_path / "warm", "train.n_epochs=2", "data.val_ratio=0")
+    warm = str(ckpt.latest_complete_checkpoint(tmp_path / "warm" / "ckpts" / "tiny"))
+    # A long trained-on record (low loss) and a short gibberish one (high loss): their means differ.
+    pair = tmp_path / "pair.json"
+    seen = json.loads((ROOT / "data" / "demo_data.json").read_text(encoding="utf-8"))[0]
+    # Bytes the tokenizer never saw in training get very low probability from the trained model.
+    odd = {"Pregunta": "¿Qué?", "Razonamiento_Complejo": "ЖЩЫ ЖЩЫ ЖЩЫ", "Respuesta": "ЩЖЫ ЖЫЩ"}
+    pair.write_text(json.dumps([seen, odd], ensure_ascii=False), encoding="utf-8")
+    common = (f"model.path={warm}", f"data.path={pair}")
+    whole = _first_step(tmp_path, "whole", *common, "train.train_bsz_per_gpu=2", "train.gradient_accumulation_steps=1")
+    split = _first_step(tmp_path, "split", *common, "train.train_bsz_per_gpu=1", "train.gradient_accumulation_steps=2")
+    assert split["loss_tokens"] == whole["loss_tokens"]
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+
+    # Hand computation on the same two examples with a fresh copy of the model.
+    from medsft.data.collate import SFTCollator
+    from medsft.data.dataset import build_sft_data
+    from medsft.models import load_model, load_tokenizer
+    from medsft.train.batches import rank_micro_batches
+    from medsft.train.optim import StepPlan
+
+    cfg = compose_cfg(tiny_overrides(tmp_path, *common, "data.val_ratio=0", "train.train_bsz_per_gpu=2"))
+    tokenizer = load_tokenizer(cfg.model)
+    data = build_sft_data(cfg.data, tokenizer, seed=cfg.seed)
+    plan = StepPlan(len(data.train), 2, 1, 1, 1)
+    indices = rank_micro_batches(plan, cfg.seed, 0, 0)[0]
+    torch.manual_seed(0)
+    model = load_model(cfg.model, dtype=torch.float32)
+    collate = SFTCollator(pad_token_id=tokenizer.pad_token_id)
+    losses, tokens = [], []
+    for i in indices:  # one example at a time: no padding involved
+        batch = collate([data.train[i]])
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum, n_tokens, _ = token_loss_sums(logits, batch["labels"])
+        losses.append(float(loss_sum))
+        tokens.append(int(n_tokens))
+    assert tokens[0] != tokens[1], "pick examples of different lengths to tell token-mean from mean-of-means"
+    assert whole["loss"] == pytest.approx(sum(losses) / sum(tokens), rel=1e-5)
+    mean_of_means = (losses[0] / tokens[0] + losses[1] / tokens[1]) / 2
+    assert abs(whole["loss"] - mean_of_means) > 0.02 * whole["loss"]
+
+
+def test_checkpoints_rotate_and_only_complete_ones_count(tmp_path):
+    _, run_dir = train_in_process(tmp_path, "train.n_epochs=2", "checkpoint.every_n_steps=3", "checkpoint.max_ckpts=2")
+    root = tmp_path / "ckpts" / "tiny"
+    complete = ckpt.list_complete_checkpoints(root)
+    assert len(complete) == 2
+    total_steps = _records(run_dir, "train")[-1]["step"]
+    assert ckpt.read_trainer_state(complete[-1])["global_step"] == total_steps
+    assert not list(root.glob(".tmp-*"))
+    for path in complete:
+        for name in ("config.json", "model.safetensors", "tokenizer_config.json", "generation_config.json",
+                     ckpt.STATE_FILE, ckpt.CONFIG_FILE, ckpt.COMPLETE_MARKER):
+            assert (path / name).is_file(), name
+        assert (path / ckpt.TRAINING_STATE_DIR).is_dir()
+    # An incomplete folder (killed mid-save) is never picked as the newest.
+    fake = root / "checkpoint-9-999"
+    fake.mkdir()
+    assert ckpt.latest_complete_checkpoint(root) == complete[-1]
+
+
+def test_checkpoint_reloads_with_identical_logits(tmp_path):
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medsft.models import load_model, load_tokenizer
+
+    reset_accelerate()
+    cfg = compose_cfg(tiny_overrides(tmp_path))
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, dtype=torch.float32)
+    with torch.no_grad():  # move away from the saved random init so the test sees trained weights
+        for param in model.parameters():
+            param.add_(0.01 * torch.randn_like(param))
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    path = ckpt.save_checkpoint(accelerator, model, tokenizer, tmp_path / "c", 0, 7, {"global_step": 7}, cfg)
+    reloaded = AutoModelForCausalLM.from_pretrained(path)
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(path)
+    assert reloaded_tokenizer.chat_template == tokenizer.chat_template
+    ids = reloaded_tokenizer("## Thinking\n\nDolor torácico opresivo", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = accelerator.unwrap_model(model)(ids).logits
+        got = reloaded(ids).logits
+    assert torch.equal(expected, got)
+    reset_accelerate()
+
+
+def test_gradient_checkpointing_is_really_enabled(tmp_path):
+    from medsft.train.loop import _cleanup, setup
+
+    reset_accelerate()
+    cfg = compose_cfg(tiny_overrides(tmp_path, "model.gradient_checkpointing=true"))
+    ctx = setup(cfg, tmp_path)
+    try:
+        unwrapped = ctx.accelerator.unwrap_model(ctx.model)
+        assert unwrapped.is_gradient_checkpointing
+        assert unwrapped.config.use_cache is False
+    finally:
+        _cleanup(ctx)
+        reset_accelerate()
+
+
+def test_secrets_never_land_on_disk_and_hub_failures_are_not_fatal(tmp_path):
+    fake_hf = "hf_FAKEtokenFORtestsONLY1234567890"
+    fake_wandb = "0123456789abcdef0123456789abcdef01234567"
+    env = {**os.environ, "HF_TOKEN": fake_hf, "WANDB_API_KEY": fake_wandb, "HF_HUB_OFFLINE": "1",
+           "WANDB_MODE": "offline"}
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("logging=")]
+    result = launch(*overrides, "logging=wandb_offline", "push_to_hub=true", "hf_repo_id=someone/medsft-test",
+                    "train.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "failed after" in result.stdout + result.stderr  # the offline push was reported, training finished
+    assert list((tmp_path / "logs" / "tiny" / "wandb").glob("offline-run-*"))
+    leaked = []
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            if fake_hf.encode() in blob or fake_wandb.encode() in blob:
+                leaked.append(str(path))
+    assert not leaked
+
+
+class _RecordingApi:
+    def __init__(self, fail_times=0):
+        self.fail_times = fail_times
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id))
+
+    def upload_folder(self, folder_path, repo_id, commit_message, **kwargs):
+        if self.fail_times:
+            self.fail_times -= 1
+            raise ConnectionError("hub unreachable")
+        self.calls.append(("upload_folder", Path(folder_path).name, kwargs.get("ignore_patterns")))
+
+
+def test_hub_pusher_uploads_in_background_and_retries(tmp_path):
+    from medsft.tracking import HubPusher
+
+    api = _RecordingApi(fail_times=1)
+    pusher = HubPusher("me/model", api=api, retries=3, backoff_s=0.01)
+    (tmp_path / "checkpoint-0-5").mkdir()
+    pusher.submit(tmp_path / "checkpoint-0-5", "step 5")
+    pusher.close(timeout_s=10)
+    assert ("create_repo", "me/model") in api.calls
+    uploads = [c for c in api.calls if c[0] == "upload_folder"]
+    assert uploads and uploads[0][1] == "checkpoint-0-5" and "training_state/*" in uploads[0][2]
+    assert not pusher.errors
+
+    failing = HubPusher("me/model", api=_RecordingApi(fail_times=5), retries=2, backoff_s=0.01)
+    failing.submit(tmp_path / "checkpoint-0-5", "step 5")
+    failing.close(timeout_s=10)
+    assert failing.errors and "failed after 2 tries" in failing.errors[0]
+
+
+def test_launch_end_to_end_prints_where_outputs_are(tmp_path):
+    result = launch(*tiny_overrides(tmp_path), "train.max_steps=3", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "medsft run summary" in out and "latest checkpoint" in out and "run directory" in out
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    latest = ckpt.latest_complete_checkpoint(tmp_path / "ckpts" / "tiny")
+    assert latest is not None and str(latest) in out
+
+
+def test_bad_data_fails_cleanly_and_writes_no_checkpoint(tmp_path):
+    bad = tmp_path / "bad.json"
+    records = json.loads((ROOT / "data" / "demo_data.json").read_text(encoding="utf-8"))[:5]
+    del records[3]["Respuesta"]
+    bad.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    result = launch(*tiny_overrides(tmp_path), f"data.path={bad}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode != 0
+    assert str(bad) in result.stderr and "Respuesta" in result.stderr and "#3" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "ckpts").exists()
