@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "eval": ("medsft.eval.cli", "evaluate a model on medical benchmarks (Hydra overrides)"),
     "prepare-model": ("medsft.models", "prepare a model (e.g. the embedded SmolLM2) into the local cache"),
     "sweep-report": ("medsft.sweep.report", "table (md + csv) and PNG plots of a multirun folder"),
+    "launch-config": ("medsft.distributed", "accelerate config YAML + DeepSpeed JSON of a composed config (--out DIR)"),
 }
 
 

@@ -111,6 +111,10 @@ class CheckpointConfig:
     save_at_epoch_end: bool = True
     max_ckpts: int = 2
     save_final: bool = True
+    # Small generation eval of each saved checkpoint on a conf/eval preset (e.g. headqa_es); null = off.
+    eval_benchmark: Optional[str] = None
+    eval_limit: int = 50
+    eval_max_new_tokens: int = 512
 
 
 @dataclass

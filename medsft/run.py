@@ -11,8 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from medsft.config import validate
 from medsft.errors import ConfigError, MedsftError
+from medsft.sweep import register_resolvers as register_sweep_resolvers
 
 log = logging.getLogger("medsft")
+
+register_sweep_resolvers()  # conf/config.yaml's hydra.sweep.subdir uses ${medsft_dirname:...}
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -38,6 +41,11 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     _check_required(cfg)
     validate(cfg)
     run_dir = Path(run_dir) if run_dir is not None else _run_dir()
+    from medsft.launcher import maybe_relaunch  # launcher.num_processes > 1: re-invoked via accelerate launch
+
+    relaunched, objective = maybe_relaunch(cfg, run_dir)
+    if relaunched:
+        return objective
     if cfg.stage == "sft":
         from medsft.train.loop import train
 
@@ -61,6 +69,9 @@ def run_from_hydra(cfg: DictConfig) -> Optional[float]:
         return run(cfg)
     except MedsftError as err:
         print(f"medsft: error: {err}", file=sys.stderr, flush=True)
+        from medsft.launcher import record_exit  # a distributed child tells its parent the real exit code
+
+        record_exit(err.exit_code)
         sys.exit(err.exit_code)
 
 

@@ -6,9 +6,19 @@ your own copy when a test needs to change one.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
+# One thread per process: the tests' models are tiny, and tests that start 2 training processes on CI's 2
+# cores ran ~10x slower with 2 threads each (oversubscription). Set before torch is imported; subprocesses
+# inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+# Nothing in the suite may reach the Hub; offline mode makes a stray hub id fail at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------- models
 

@@ -76,7 +76,11 @@ _spanish = st.sampled_from(
     ["¿Cuál es el diagnóstico?", "Fiebre 39 °C", "dolor\n\ntorácico", "  ## Final Response  ", "{response}",
      "niño ñandú — ácido", "😀 emoji", "a\tb", "\r\n", "x" * 40]
 )
-_field = st.one_of(_text, _spanish.map(str.strip).filter(bool), st.lists(_spanish, min_size=1, max_size=4).map(" ".join).map(str.strip).filter(bool))
+_field = st.one_of(
+    _text,
+    _spanish.map(str.strip).filter(bool),
+    st.lists(_spanish, min_size=1, max_size=4).map(" ".join).map(str.strip).filter(bool),
+)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -230,7 +234,8 @@ def test_exact_fit_and_trailing_tokens(family):
     assert res.status == "ok" and len(res.example["input_ids"]) == r.loss_end
     assert res.example["labels"][-1] == tok.convert_tokens_to_ids(end_of_turn_text(family))
     res = apply_length_policy(r, r.loss_end - 1, "truncate", rec)
-    assert res.status == "truncated" and res.example["labels"][-1] != tok.convert_tokens_to_ids(end_of_turn_text(family))
+    eot = tok.convert_tokens_to_ids(end_of_turn_text(family))
+    assert res.status == "truncated" and res.example["labels"][-1] != eot
 
 
 # ------------------------------------------------------------------------------------------ broken templates
@@ -268,7 +273,8 @@ def test_prompt_merging_into_response_is_rejected():
     tok = chatml_tokenizer()
     ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert ids("tratamien") + ids("to") != ids("tratamiento")  # the premise: these pieces merge
-    tok.chat_template = CHATML_TEMPLATE.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\ntratamien'").replace(
+    generation_prompt = "'<|im_start|>assistant\ntratamien'"
+    tok.chat_template = CHATML_TEMPLATE.replace("'<|im_start|>assistant\n'", generation_prompt).replace(
         "'<|im_start|>' + message['role'] + '\n' + message['content']",
         "'<|im_start|>' + message['role'] + '\n' + (message['role'] == 'assistant' and 'tratamien' or '') "
         "+ message['content']")

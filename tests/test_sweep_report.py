@@ -297,9 +297,31 @@ def test_run_job_failure_is_recorded_and_continues_or_stops(tmp_path: Path, clea
     final = json.loads((job_dir / FINAL_FILE).read_text())
     assert final["status"] == "failed" and final["error_type"] == "DataError" and final["exit_code"] == 3
     assert "max_seq_len=8" in final["error"] and "Traceback" in final["traceback"]
+    assert final["checkpoint_dir"] is None and not (job_dir / "checkpoints").is_symlink()  # nothing saved: no link
     assert "sweep job 0 failed" in capsys.readouterr().err
 
     cfg = _multirun_hydra(sweep, job_dir, [f"output_dir={tmp_path / 'ck'}", "sweep.continue_on_failure=false"])
     with pytest.raises(SystemExit) as exit_info:
         run_job(cfg, failing)
     assert exit_info.value.code == 3
+    assert (sweep / "report.md").is_file()  # the sweep stops, its report is still written
+
+
+def test_job_folder_names_stay_short_and_flat():
+    from medsft.sweep import job_dirname
+
+    assert job_dirname("data.max_seq_len=128,optimizer.learning_rate=1e-05") == \
+        "data.max_seq_len=128,optimizer.learning_rate=1e-05"  # Hydra's name when it fits
+    assert job_dirname("data.path=data/x.json,seed=1") == "data.path=data_x.json,seed=1"
+    trial = ",".join(f"optimizer.{k}=0.1234567890123456" for k in ("learning_rate", "warmup_rates", "weight_decay"))
+    long = "data.max_samples=16,generation_check.enabled=False,logging.progress_bar=False," + trial
+    assert len(long) > 200
+    assert job_dirname(long) == ("data.max_samples=16,generation_check.enabled=False,logging.progress_bar=False,"
+                                 "optimizer.learning_rate=0.1235,optimizer.warmup_rates=0.1235,"
+                                 "optimizer.weight_decay=0.1235")
+    longer = "checkpoint.save_at_epoch_end=False,data.overlong=truncate,train.train_bsz_per_gpu=2," + long
+    assert job_dirname(longer) == ("save_at_epoch_end=False,overlong=truncate,train_bsz_per_gpu=2,max_samples=16,"
+                                   "enabled=False,progress_bar=False,learning_rate=0.1235,warmup_rates=0.1235,"
+                                   "weight_decay=0.1235")
+    cut = job_dirname("a=" + "x" * 400)
+    assert len(cut) <= 200 and cut != job_dirname("a=" + "x" * 399)

@@ -241,3 +241,17 @@ def test_bad_data_fails_cleanly_and_writes_no_checkpoint(tmp_path):
     assert str(bad) in result.stderr and "Respuesta" in result.stderr and "#3" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "ckpts").exists()
+
+
+def test_each_checkpoint_gets_a_small_benchmark_eval(tmp_path):
+    from medsft.eval.benchmarks import shared_data_dir
+
+    shared = shared_data_dir() / "headqa_es"
+    if not shared.is_dir():
+        pytest.skip(f"HEAD-QA data not found at {shared}")
+    _, run_dir = train_in_process(tmp_path, "train.max_steps=2", "checkpoint.every_n_steps=2",
+                                  "checkpoint.eval_benchmark=headqa_es", "checkpoint.eval_limit=3",
+                                  "checkpoint.eval_max_new_tokens=8")
+    evals = _records(run_dir, "checkpoint_eval")
+    assert evals and evals[0]["step"] == 2 and evals[0]["benchmark"] == "headqa_es"
+    assert evals[0]["n"] == 3 and 0.0 <= evals[0]["accuracy"] <= 1.0

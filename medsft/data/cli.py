@@ -14,6 +14,7 @@ or a Hub id (resolved and loaded exactly as training loads it). Field presets ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -102,6 +103,17 @@ def _load_tokenizer(model: str) -> Any:
     return tok
 
 
+@contextlib.contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _percentiles(values: Sequence[int]) -> dict:
     if not values:
         return {}
@@ -135,8 +147,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from medsft.data.records import load_records
 
     fields = fields_for(args.fields_preset)
-    logging.getLogger("medsft.data.records").setLevel(logging.ERROR)  # we print the report ourselves
-    records, report = load_records(args.path, fields, on_invalid="skip", fmt=args.format or "auto")
+    with _quiet("medsft.data.records"):  # we print the report ourselves
+        records, report = load_records(args.path, fields, on_invalid="skip", fmt=args.format or "auto")
     if report.invalid:
         shown = report.invalid[: args.max_errors]
         print(f"{args.path}: {len(report.invalid)} of {report.total} records invalid:", file=sys.stderr)
@@ -167,7 +179,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     prompt_over = sum(1 for r in rendered if r.prompt_len >= max_len)
     kept = trained_tokens = loss_tokens = truncated = 0
     for r, rec in zip(rendered, records):
-        res = apply_length_policy(r, max_len, "truncate" if cfg.overlong == "error" else cfg.overlong, rec)
+        res = apply_length_policy(r, max_len, "drop" if cfg.overlong == "error" else cfg.overlong, rec)
         if res.example is not None:
             kept += 1
             trained_tokens += len(res.example["input_ids"])
@@ -211,6 +223,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"total tokens: {out['sum_tokens']:,}")
     print(f"over max_seq_len={max_len}: {over} of {len(rendered)} ({100 * out['over_max_seq_len_share']:.1f}%)"
           + (f", {prompt_over} with the prompt alone over it (never trained)" if prompt_over else ""))
+    if cfg.overlong == "error" and over:
+        print(f"with data.overlong=error: training stops with an error ({over} records over the limit); with drop:")
     print(f"with data.overlong={cfg.overlong}: {kept} examples ({truncated} truncated), {trained_tokens:,} tokens, "
           f"{loss_tokens:,} carrying loss")
     print(f"estimated optimizer steps: {steps['steps_per_epoch']} per epoch x {args.epochs} epochs = "
@@ -274,8 +288,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     from medsft.data.render import apply_length_policy, render_records
 
     cfg = _data_cfg(args)
-    logging.getLogger("medsft.data.records").setLevel(logging.ERROR)
-    records, report = load_records(args.path, cfg.fields, on_invalid="skip", fmt=cfg.format)
+    with _quiet("medsft.data.records"):
+        records, report = load_records(args.path, cfg.fields, on_invalid="skip", fmt=cfg.format)
     rec = next((r for r in records if r.index == args.index), None)
     if rec is None:
         bad = next((m for m in report.invalid if m.startswith(f"#{args.index} ")), None)
@@ -316,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     from medsft.config import DataConfig, TrainConfig
 
     d, t = DataConfig(), TrainConfig()
-    parser = argparse.ArgumentParser(prog="medsft data", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="medsft data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="{check,stats,sample,show}")
     sub.required = True

@@ -4,14 +4,15 @@ Validation runs over every record before any model work, so a bad file fails in 
 that names the file, the record index (0-based), its line (JSON and JSONL) and the field, e.g.
 
     data/x.jsonl: 3 of 1200 records invalid: #17 (line 18) missing 'Respuesta'; #40 (line 41) 'Pregunta' is
-    empty; #97 (line 98) 'Respuesta' is int, expected a string. Fix them, or set data.on_invalid=skip to drop them.
+    empty; #97 (line 98) 'Respuesta' is a number, expected a string. Fix them, or set data.on_invalid=skip to drop
+    them.
 
 Why the standard library's `json` and not `datasets.load_dataset("json")`: pyarrow's JSON reader stops at the
 first bad line of a file without a record index or line, infers one schema for the whole file (a single record
 with a number where text is expected fails or silently coerces the column), and writes an Arrow copy of every
-file to its cache. We need per-record, per-line messages, and parsing is not the bottleneck (about 100 MB/s
-here; tokenization costs far more). The tokenized result is cached by `medsft.data.dataset`, which is where a
-cache pays. Parquet goes through pyarrow (already a dependency of `datasets`) because it is typed already.
+file to its cache. We need per-record, per-line messages, and parsing is not the bottleneck (~50 MB/s here,
+validation included; tokenization costs 50-100x more). The tokenized result is cached by `medsft.data.dataset`,
+which is where a cache pays. Parquet goes through pyarrow (a dependency of `datasets`): it is typed already.
 """
 
 from __future__ import annotations
@@ -81,9 +82,8 @@ class LoadReport:
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
-    return {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number", str: "a string"}.get(
-        type(value), type(value).__name__
-    )
+    names = {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number", str: "a string"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _listing(messages: list[str]) -> str:
@@ -266,7 +266,10 @@ def _parse_parquet(path: str) -> list[tuple[Any, None]]:
     return [(row, None) for row in rows]
 
 
-def read_raw(path: str | os.PathLike, fmt: str = "auto") -> tuple[list[tuple[Any, Optional[int]]], dict[int, list[str]], str, str]:
+RawItems = list[tuple[Any, Optional[int]]]  # (parsed value or the invalid marker, line)
+
+
+def read_raw(path: str | os.PathLike, fmt: str = "auto") -> tuple[RawItems, dict[int, list[str]], str, str]:
     """Parse a file into raw items: ([(value, line)], {index: [syntax problems]}, format, content_hash).
 
     File-level problems (missing, empty, not a list, broken JSON list, not UTF-8 in a JSON list) raise

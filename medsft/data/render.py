@@ -13,9 +13,11 @@ Labels (what carries loss), checked for every example:
 The end-of-turn token is located as the first special token after the content (by character offsets of the
 fast tokenizer); a template that closes the assistant turn without one is rejected.
 
-Speed: the chat template renders text (`apply_chat_template(tokenize=False)`), then prompts and full texts are
-tokenized in two batched calls. That is the very call `apply_chat_template(tokenize=True)` makes
-(`tokenizer(text, add_special_tokens=False)`), so ids are identical (tests compare both paths).
+Speed: the chat template renders text (`apply_chat_template(tokenize=False)`, batched), then the full texts are
+tokenized in one batched call (parallel in the Rust tokenizer). That is the very call
+`apply_chat_template(tokenize=True)` makes (`tokenizer(text, add_special_tokens=False)`), so ids are identical
+(tests compare both paths). The prompts' ids are read off the full ids where provably equal (see
+`_derive_prompt_ids`), else tokenized on their own; either way they are checked against the full ids.
 """
 
 from __future__ import annotations
@@ -126,10 +128,12 @@ def render_records(
     records: Sequence[Record],
     response_template: str = DEFAULT_RESPONSE_TEMPLATE,
     system_prompt: Optional[str] = None,
+    exact_prompts: bool = False,
 ) -> list[Rendered]:
-    """Render and tokenize a batch of records (two batched tokenizer calls); DataError names the record.
+    """Render and tokenize a batch of records (batched tokenizer calls); DataError names the record.
 
     No length policy here (see `apply_length_policy`), so the result can be cached independently of it.
+    exact_prompts=True tokenizes every prompt on its own instead of deriving its ids (see `_derive_prompt_ids`).
     """
     if not records:
         return []
@@ -140,17 +144,72 @@ def render_records(
     full_texts = _render_texts(
         tokenizer, [p + [{"role": "assistant", "content": c}] for p, c in zip(prompts, contents)], False
     )
-    enc_prompt = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
-    enc_full = tokenizer(full_texts, add_special_tokens=False, return_offsets_mapping=True)
+    enc_full = tokenizer(full_texts, add_special_tokens=False, return_offsets_mapping=True,
+                         return_attention_mask=False, return_token_type_ids=False)
+    full_ids, full_offsets = enc_full["input_ids"], enc_full["offset_mapping"]
     special = _special_ids(tokenizer)
-    out = []
-    for i, rec in enumerate(records):
-        out.append(
-            _labels_for(
-                rec, prompt_texts[i], full_texts[i], contents[i], enc_prompt[i], enc_full["input_ids"][i],
-                enc_full["offset_mapping"][i], special, tokenizer,
-            )
-        )
+    if exact_prompts:
+        p_ids: list = [None] * len(records)
+    else:
+        p_ids = _derive_prompt_ids(tokenizer, prompt_texts, full_texts, full_ids, full_offsets, special)
+    todo = [i for i, x in enumerate(p_ids) if x is None]
+    if todo:
+        exact = tokenizer([prompt_texts[i] for i in todo], add_special_tokens=False, return_attention_mask=False,
+                          return_token_type_ids=False)["input_ids"]
+        for i, ids in zip(todo, exact):
+            p_ids[i] = ids
+    return [
+        _labels_for(rec, prompt_texts[i], full_texts[i], contents[i], p_ids[i], full_ids[i], full_offsets[i],
+                    special, tokenizer)
+        for i, rec in enumerate(records)
+    ]
+
+
+def _derive_prompt_ids(
+    tokenizer: Any,
+    prompt_texts: list[str],
+    full_texts: list[str],
+    full_ids: list[list[int]],
+    full_offsets: list[list[tuple[int, int]]],
+    special: set[int],
+) -> list[Optional[list[int]]]:
+    """The prompt's token ids, read off the full conversation's tokens where that is provably the same; None
+    where the prompt must be tokenized on its own.
+
+    Fast tokenizers split text at added/special tokens first and tokenize the pieces between them independently.
+    So the prompt's tokens up to its last special token are exactly the conversation's; only the piece after
+    it (template text such as "assistant\n" or "\n\n", the same for every record) is tokenized, once per
+    distinct piece. The first record of each batch is also tokenized in full as a check of that premise for
+    this tokenizer; if it fails, every prompt is tokenized on its own. Saves ~15-25% of tokenization.
+    """
+    from bisect import bisect_left
+
+    out: list[Optional[list[int]]] = [None] * len(prompt_texts)
+    pieces: dict[str, list[int]] = {}
+    for i, (p_text, f_text, ids, offs) in enumerate(zip(prompt_texts, full_texts, full_ids, full_offsets)):
+        n_chars = len(p_text)
+        if not f_text.startswith(p_text):
+            continue
+        k = bisect_left(offs, n_chars, key=lambda o: o[0])  # first token starting at/after the prompt's end
+        if k == 0 or offs[k - 1][1] > n_chars:
+            continue  # a token straddles the boundary: the exact path reports it
+        s = k - 1
+        while s >= 0 and ids[s] not in special and k - s <= 64:
+            s -= 1
+        if s < 0 or ids[s] not in special:
+            continue
+        piece = p_text[offs[s][1] : n_chars]
+        if piece not in pieces:
+            pieces[piece] = list(tokenizer(piece, add_special_tokens=False)["input_ids"]) if piece else []
+        if ids[s + 1 : k] == pieces[piece]:
+            out[i] = ids[:k]
+    first = next((i for i, x in enumerate(out) if x is not None), None)
+    if first is not None:
+        exact = list(tokenizer(prompt_texts[first], add_special_tokens=False)["input_ids"])
+        if exact != out[first]:
+            log.debug("prompt ids cannot be derived for %s; tokenizing prompts on their own",
+                      getattr(tokenizer, "name_or_path", "?"))
+            return [None] * len(prompt_texts)
     return out
 
 
@@ -202,7 +261,7 @@ def _labels_for(
         )
     if loss_end <= n_p:  # pragma: no cover - content is never empty after validation
         raise DataError(f"{rec.where()}: the example has no tokens carrying loss")
-    return Rendered(list(f_ids), n_p, loss_end)
+    return Rendered(f_ids if isinstance(f_ids, list) else list(f_ids), n_p, loss_end)
 
 
 @dataclass
@@ -224,7 +283,7 @@ def apply_length_policy(r: Rendered, max_seq_len: int, overlong: str, rec: Optio
     if r.loss_end <= max_seq_len:
         end = min(n, max_seq_len)
         labels = [IGNORE_INDEX] * r.prompt_len + r.ids[r.prompt_len : r.loss_end] + [IGNORE_INDEX] * (end - r.loss_end)
-        return PolicyResult({"input_ids": r.ids[:end], "labels": labels}, "ok")
+        return PolicyResult({"input_ids": r.ids if end == n else r.ids[:end], "labels": labels}, "ok")
     if r.prompt_len >= max_seq_len:
         if overlong == "error":
             raise DataError(

@@ -532,6 +532,6 @@ def load_benchmarks(eval_cfg: Any) -> list[Benchmark]:
     if kind == "huatuo_format":
         return load_huatuo_format(
             eval_cfg.path, subsets=list(eval_cfg.subsets or []), language=eval_cfg.language, limit=limit,
-            seed=seed, name=eval_cfg.name,
+            seed=seed, name=None if eval_cfg.name in (None, "", "custom") else eval_cfg.name,  # else the file's stem
         )
     raise ConfigError(f"eval.kind={kind!r} is not one of {list(KINDS)}")

@@ -14,7 +14,8 @@ Order (first that yields an answer wins), applied to the *region*: the text afte
 4. ``option_text``: the region is, starts with, or contains (word-bounded) exactly one option's text.
 5. ``thinking_pattern``: only when a `## Final Response` exists but named no option, a step-1 declaration
    in the text before it (the conclusion of the reasoning).
-Otherwise ``unparsed``: counted and scored wrong. Never a guess by string similarity (that is the
+An echoed option list ("A. <text>\\nB. <text>..." for two or more options) is removed from the region first:
+repeating the options is not choosing one. Otherwise ``unparsed``: counted and scored wrong. Never a guess by string similarity (that is the
 HuatuoGPT-compat scorer's behaviour, see `compat.py`).
 
 Letters are matched case-sensitively (an article "a" is never option A). Options are letters A..J
@@ -207,6 +208,12 @@ def _leading(region: str, rx: dict, options: dict[str, str], keys: list[str], nu
                 or m.group(0).rstrip().endswith((")", "]", "*", "_"))  # (B) / **B** / B)
                 or (rest[:1].isspace() and _norm(nxt).startswith(_norm_option(options[letter])[:40]) and options[letter])
             )
+            if ok and m.group("c").isdigit() and not m.group(0).lstrip(" *_#([").lower().startswith(("op", "al", "re", "an", "ch")):
+                # "1. First, ..." opens a numbered list: a bare number is a choice only when alone or
+                # followed by that option's text ("3. Tres.")
+                after = _norm(nxt.lstrip(".):;,-– \t"))
+                opt = _norm_option(options[letter])
+                ok = not after.strip(" .") or bool(opt) and after.startswith(opt[:40])
             # An ordinary word after a bare letter ("I think", "A 45-year-old") is not a choice.
             if ok:
                 return letter, m.group(0).strip()
@@ -240,6 +247,45 @@ def _mention(region: str, rx: dict, keys: list[str], numeric: bool) -> tuple[str
     return None, ""
 
 
+_OPTION_LINE = re.compile(r"^[ \t>*-]*(?:\*\*)?\(?(?P<c>[A-N])(?:\*\*)?(?:[.):]|[ \t]*$)(?:\*\*)?[ \t]*(?P<rest>.*)$")
+
+
+def strip_option_list(region: str, options: dict[str, str]) -> str:
+    """Remove an echoed option list: a model repeating (or inventing) the options has not chosen one.
+
+    Dropped: runs of two or more consecutive lines "A. ...", "B. ...", "C. ..." with letters in sequence
+    (whatever their text), and lines "X. <start of option X's text>" when two or more different options are
+    echoed that way. A single "B. Collagen" line is kept: that is an answer.
+    """
+    lines = region.splitlines()
+    marks = []
+    for line in lines:
+        m = _OPTION_LINE.match(line)
+        marks.append((m.group("c"), m.group("rest")) if m and m.group("c") in options else None)
+    drop: set[int] = set()
+    i = 0
+    while i < len(lines):  # runs of consecutive letters on consecutive lines
+        j = i
+        while j + 1 < len(lines) and marks[j] and marks[j + 1] and ord(marks[j + 1][0]) == ord(marks[j][0]) + 1:
+            j += 1
+        if j > i:
+            drop.update(range(i, j + 1))
+        i = j + 1
+    hits, letters = [], set()
+    for k, mark in enumerate(marks):
+        if mark is None:
+            continue
+        rest, opt = _norm_option(mark[1]), _norm_option(str(options[mark[0]]))
+        if rest and opt and (rest.startswith(opt[:24]) or opt.startswith(rest)):
+            hits.append(k)
+            letters.add(mark[0])
+    if len(letters) >= 2:
+        drop.update(hits)
+    if not drop:
+        return region
+    return "\n".join(line for k, line in enumerate(lines) if k not in drop)
+
+
 def extract_answer(text: str, options: dict[str, str], numeric: bool = False) -> Extraction:
     """The option (a key of `options`) the response chose, and how it was found; see the module doc."""
     text = text or ""
@@ -254,6 +300,7 @@ def extract_answer(text: str, options: dict[str, str], numeric: bool = False) ->
     else:
         region, region_name = text, "full"
 
+    region = strip_option_list(region, options)
     steps = (
         ("pattern", lambda r: _last_pattern(r, rx, keys, numeric)),
         ("leading", lambda r: _leading(r, rx, options, keys, numeric)),

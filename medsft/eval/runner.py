@@ -236,3 +236,16 @@ def print_summary(out_dir: Path) -> None:
 
     summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
     print(render_markdown(summary))
+
+
+def load_preset_items(preset: str = "headqa_es", limit: int = 50, overrides: Sequence[str] = ()) -> list[EvalItem]:
+    """Items of a `conf/eval/<preset>.yaml` benchmark (all its benchmarks concatenated, `limit` per benchmark,
+    seeded): what the training loop feeds `evaluate_benchmark` for a small generation eval per checkpoint.
+
+        items = load_preset_items("headqa_es", limit=50)
+        metrics = evaluate_benchmark(model, tokenizer, items, {"max_new_tokens": 512, "batch_size": 8})
+    """
+    from medsft.eval.cli import compose_eval_config
+
+    cfg = compose_eval_config([f"eval={preset}", f"eval.limit={int(limit)}", *overrides])
+    return [it for bench in load_benchmarks(cfg.eval) for it in bench.items]

@@ -25,18 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from medsft.data.records import read_raw
+from medsft.data.records import _listing, _type_name, read_raw
 from medsft.errors import DataError
+from medsft.eval.benchmarks import PROMPT_TEMPLATES, EvalItem
 
 log = logging.getLogger(__name__)
 
-LETTERS = "ABCDEFGHIJ"
-MAX_LISTED = 10
-# The evaluation prompts (medsft.eval.benchmarks.PROMPT_TEMPLATES), so RL trains on what evaluation asks.
-MCQ_PROMPTS = {
-    "en": "Please answer the following multiple-choice question:\n{question}\n{option_str}",
-    "es": "Responde a la siguiente pregunta de opción múltiple:\n{question}\n{option_str}",
-}
+LETTERS = "ABCDEFGHIJ"  # the option letters medsft.eval.extract reads
 
 
 @dataclass
@@ -82,11 +77,8 @@ class RLData:
         return f"{self.path}: {self.total} records ({kinds}{skipped}) -> {len(self.train)} train, {len(self.eval)} eval"
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number",
-            str: "a string"}.get(type(value), type(value).__name__)  # fmt: skip
+def _kind(value: Any) -> str:
+    return "a string" if isinstance(value, str) else _type_name(value)
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -105,7 +97,7 @@ def _text_field(value: dict, name: str, errs: list[str]) -> Optional[str]:
         return None
     v = value[name]
     if not isinstance(v, str):
-        errs.append(f"{name!r} is {_type_name(v)}, expected a string")
+        errs.append(f"{name!r} is {_kind(v)}, expected a string")
         return None
     if not v.strip():
         errs.append(f"{name!r} is empty")
@@ -126,7 +118,7 @@ def _options(value: Any, name: str, errs: list[str]) -> Optional[dict[str, str]]
             return None
         opts = {LETTERS[i]: v for i, v in enumerate(value)}
     else:
-        errs.append(f"{name!r} must be a dict {{A: text}} or a list, got {_type_name(value)}")
+        errs.append(f"{name!r} must be a dict {{A: text}} or a list, got {_kind(value)}")
         return None
     if len(opts) < 2:
         errs.append(f"{name!r} has {len(opts)} option(s), need at least 2")
@@ -159,27 +151,27 @@ def _gold(value: dict, answer_key: str, options: dict[str, str], errs: list[str]
     return None
 
 
-def option_str(options: dict[str, str]) -> str:
-    return "\n".join(f"{k}. {v}" for k, v in options.items())
-
-
 def mcq_to_question(
     question: str, options: dict[str, str], gold: str, language: str = "es", template: Optional[str] = None
 ) -> tuple[str, str]:
-    """A multiple-choice item as (prompt text, reference): the evaluation prompt and "B. <option text>"."""
-    template = template or MCQ_PROMPTS.get(language, MCQ_PROMPTS["en"])
-    prompt = template.replace("{question}", question).replace("{option_str}", option_str(options))
+    """A multiple-choice item as (prompt text, reference): medsft.eval's prompt (so RL trains on what evaluation
+    asks) and "B. <option text>"."""
+    item = EvalItem(id="", benchmark="", question=question, options=options, gold=gold, language=language)
+    prompt = item.prompt(template or PROMPT_TEMPLATES.get(language, PROMPT_TEMPLATES["en"]))
     return prompt, f"{gold}. {options[gold]}"
 
 
-def _record(value: Any, index: int, line: Optional[int], path: str, data_cfg: Any) -> tuple[Optional[VerifiableQuestion], list[str]]:
+def _record(
+    value: Any, index: int, line: Optional[int], path: str, data_cfg: Any
+) -> tuple[Optional[VerifiableQuestion], list[str]]:
+    """One raw record -> (question, []) or (None, [problems])."""
     fields = _get(data_cfg, "fields")
     fq, fa = _get(fields, "question", "Pregunta_Verificable"), _get(fields, "answer", "Respuesta_Verdadera")
     mq, mo = _get(fields, "mcq_question", "question"), _get(fields, "mcq_options", "options")
     ma = _get(fields, "mcq_answer", "answer_idx")
     kind = _get(data_cfg, "kind", "auto")
     if not isinstance(value, dict):
-        return None, [f"is {_type_name(value)}, expected an object"]
+        return None, [f"is {_kind(value)}, expected an object"]
     errs: list[str] = []
     if kind == "open" or (kind == "auto" and fq in value):
         q = _text_field(value, fq, errs)
@@ -220,8 +212,7 @@ def load_questions(path: str | os.PathLike, data_cfg: Any = None) -> tuple[list[
         else:
             questions.append(q)
     if bad:
-        shown = "; ".join(bad[:MAX_LISTED]) + (f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
-        head = f"{path}: {len(bad)} of {len(items)} records invalid: {shown}"
+        head = f"{path}: {len(bad)} of {len(items)} records invalid: {_listing(bad)}"
         if on_invalid == "error" or not questions:
             tail = " Fix them, or set rl.data.on_invalid=skip to drop them." if questions else ""
             hint = ""
@@ -277,16 +268,25 @@ def load_rl_data(data_cfg: Any, seed: int = 42) -> RLData:
 def filter_long_prompts(
     questions: list[VerifiableQuestion], tokenizer: Any, system_prompt: Optional[str], max_prompt_len: int
 ) -> tuple[list[VerifiableQuestion], list[dict], int]:
-    """(kept questions, their conversational prompts, number dropped for a prompt over max_prompt_len tokens)."""
-    from medsft.data.render import build_messages, prompt_ids
+    """(kept questions, their conversational prompts, number dropped for a prompt over max_prompt_len tokens).
 
+    Lengths are those of `medsft.data.render.prompt_ids` (the SFT rendering), computed in batches.
+    """
+    from medsft.data.render import build_messages, ensure_chat_template
+
+    ensure_chat_template(tokenizer)
     kept, prompts, dropped = [], [], 0
-    for q in questions:
-        if len(prompt_ids(tokenizer, q.question, system_prompt)) > max_prompt_len:
-            dropped += 1
-            continue
-        kept.append(q)
-        prompts.append(build_messages(q.question, system_prompt))
+    for start in range(0, len(questions), 512):
+        chunk = questions[start : start + 512]
+        convs = [build_messages(q.question, system_prompt) for q in chunk]
+        texts = tokenizer.apply_chat_template(convs, tokenize=False, add_generation_prompt=True)
+        lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        for q, conv, n in zip(chunk, convs, lengths):
+            if n > max_prompt_len:
+                dropped += 1
+                continue
+            kept.append(q)
+            prompts.append(conv)
     return kept, prompts, dropped
 
 

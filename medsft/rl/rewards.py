@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 OPTION_LETTERS = "ABCDEFGHIJ"
 
 # HuatuoGPT-o1's verifier input, reproduced verbatim (spaces before the periods included) from
-# FreedomIntelligence/HuatuoGPT-o1 `ppo_utils/ppo_trainer_medo1.py`, `get_reward_o1` (the stage-2 PPO reward):
+# FreedomIntelligence/HuatuoGPT-o1 `ppo_utils/ppo_trainer_medo1.py`, `get_reward_o1` (the stage-2 PPO reward; read
+# in the fork xk-huang/HuatuoGPT-o1 @ 0cf0063, which keeps the file unchanged; RL_stage2.py loads the verifier
+# with AutoModelForSequenceClassification(num_labels=2) and its own tokenizer):
 #   tmp.format(response, sub_answer[i], reward_tokenizer.eos_token), where `response` is the text after
 #   "## Final Response\n\n" (or 'I do not know the answer.' when the layout check fails, which scores 0 anyway),
 #   tokenized with add_special_tokens=False, max_length=4000, padding=True, truncation=True (right side: a long

@@ -128,6 +128,7 @@ def run_job(cfg: DictConfig, run_fn: Callable[[DictConfig, Path], Optional[float
     settings = sweep_settings(cfg)
     started = time.time()
     record: dict = {"job_num": hydra_cfg.job.num, "overrides": overrides}
+    ckpt_root: Optional[Path] = None
     _reset_accelerate()
     try:
         ckpt_output_dir = job_checkpoint_output_dir(cfg, sweep_dir, job_dir, str(settings["checkpoints"]))
@@ -144,7 +145,10 @@ def run_job(cfg: DictConfig, run_fn: Callable[[DictConfig, Path], Optional[float
         if isinstance(err, SystemExit) and err.code in (0, None):
             objective = None  # a clean exit without a result
         else:
-            return _failed(err, job_dir, record, started, settings)
+            _drop_empty_checkpoint_root(job_dir, ckpt_root)
+            if ckpt_root is not None and not ckpt_root.exists():
+                record["checkpoint_dir"] = None
+            return _failed(err, job_dir, sweep_dir, record, started, settings)
     finally:
         _reset_accelerate()
     summary = _summary(job_dir)
@@ -159,7 +163,21 @@ def run_job(cfg: DictConfig, run_fn: Callable[[DictConfig, Path], Optional[float
     return objective
 
 
-def _failed(err: BaseException, job_dir: Path, record: dict, started: float, settings: dict) -> None:
+def _drop_empty_checkpoint_root(job_dir: Path, ckpt_root: Optional[Path]) -> None:
+    """A job that failed before saving anything leaves no empty checkpoint folder nor a link to it."""
+    if ckpt_root is None or not ckpt_root.is_dir() or any(ckpt_root.iterdir()):
+        return
+    try:
+        ckpt_root.rmdir()
+        ckpt_root.parent.rmdir()  # the job's own level; fails harmlessly when something else is there
+    except OSError:
+        pass
+    link = job_dir / CHECKPOINT_LINK
+    if link.is_symlink() and not link.exists():
+        link.unlink()
+
+
+def _failed(err: BaseException, job_dir: Path, sweep_dir: Path, record: dict, started: float, settings: dict) -> None:
     if isinstance(err, SystemExit):
         message, exit_code = f"exited with code {err.code}", err.code if isinstance(err.code, int) else 1
     else:
@@ -181,6 +199,13 @@ def _failed(err: BaseException, job_dir: Path, record: dict, started: float, set
         log.error("sweep job %s failed", record.get("job_num"), exc_info=err)
     if not settings["continue_on_failure"]:
         print("medsft: sweep.continue_on_failure=false: stopping the sweep", file=sys.stderr, flush=True)
+        if settings["report"]:
+            try:
+                from medsft.sweep.report import write_report
+
+                write_report(sweep_dir)
+            except Exception as problem:  # noqa: BLE001 - the job's own error matters more
+                log.warning("sweep report not written: %s", problem)
         if isinstance(err, (MedsftError, SystemExit)):
             sys.exit(exit_code)
         raise err

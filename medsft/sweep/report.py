@@ -150,7 +150,8 @@ def find_job_dirs(sweep_dir: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(sweep_dir, followlinks=False):
         here = Path(dirpath)
-        is_job = (here / ".hydra" / "overrides.yaml").is_file() or "metrics.jsonl" in filenames or FINAL_FILE in filenames
+        is_job = ((here / ".hydra" / "overrides.yaml").is_file() or "metrics.jsonl" in filenames
+                  or FINAL_FILE in filenames)
         if is_job and here != sweep_dir:
             found.append(here)
             dirnames[:] = []
@@ -320,11 +321,20 @@ def write_csv(path: Path, jobs: list[JobResult], swept: list[str]) -> Path:
     return Path(path)
 
 
+def _short_param(value: Any) -> Any:
+    """Optuna's 17-digit floats shown with 4 significant digits in the markdown table (the CSV keeps them)."""
+    number = to_number(value)
+    if number is None or len(str(value)) <= 8:
+        return value
+    return f"{number:.4g}"
+
+
 def markdown_table(jobs: list[JobResult], swept: list[str]) -> str:
     columns = table_columns(jobs, swept)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in table_rows(jobs, swept):
-        lines.append("| " + " | ".join(_md_cell(row.get(c)) for c in columns) + " |")
+        cells = [_md_cell(_short_param(row.get(c)) if c in swept else row.get(c)) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -368,7 +378,7 @@ def write_markdown(report: SweepReport, plots: list[Path]) -> Path:
 
 
 def _job_label(job: JobResult, swept: list[str]) -> str:
-    parts = [f"{k.rsplit('.', 1)[-1]}={job.params[k]}" for k in swept if k in job.params]
+    parts = [f"{k.rsplit('.', 1)[-1]}={_short_param(job.params[k])}" for k in swept if k in job.params]
     head = f"#{job.num}" if job.num is not None else job.name
     tail = "" if job.status == "completed" else f" ({job.status})"
     return " ".join([head, *parts]) + tail
@@ -385,7 +395,7 @@ def plot_loss_curves(jobs: list[JobResult], swept: list[str], path: Path) -> Pat
     plotted = [job for job in sorted(jobs, key=lambda j: (j.num if j.num is not None else 1 << 30, j.name))
                if job.train or job.val]
     many = len(plotted) > 10
-    fig = _new_figure((11 if many else 8, 5))
+    fig = _new_figure((11 if many else 8, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     from matplotlib import colormaps
 
@@ -406,16 +416,19 @@ def plot_loss_curves(jobs: list[JobResult], swept: list[str], path: Path) -> Pat
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss per token (solid: train, dashed/o: validation)")
-    ax.set_title(f"Loss curves of {len(plotted)} job(s)")
+    hidden = len(jobs) - len(plotted)
+    ax.set_title(f"Loss curves of {len(plotted)} job(s)" + (f" ({hidden} without metrics not shown)" if hidden else ""))
     ax.grid(alpha=0.3)
+    steps = [r["step"] for job in plotted for r in (*job.train, *job.val)]
+    if steps and max(steps) - min(steps) < 5:
+        ax.set_xticks(range(int(min(steps)), int(max(steps)) + 1))
+        ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)
     if not plotted:
         ax.text(0.5, 0.5, "no metrics yet", ha="center", va="center", transform=ax.transAxes)
-    elif many:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + len(plotted) // 30)
-    else:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    else:  # below the chart, so it never hides a curve
+        ax.legend(fontsize=7 if many else 8, loc="upper center", bbox_to_anchor=(0.5, -0.12),
+                  ncol=1 if len(plotted) <= 6 else (2 if len(plotted) <= 30 else 3), frameon=False)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     return Path(path)
 
 
@@ -430,13 +443,18 @@ def plot_objective_vs(jobs: list[JobResult], param: str, swept: list[str], path:
         xs = numbers
         positive = [x for x in xs if x > 0]
         if len(positive) == len(xs) and len(set(xs)) > 1 and max(xs) / min(xs) >= 9.99:
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap
     else:
-        categories = sorted({job.params[param] for job in done}, key=lambda v: (to_number(v) is None, to_number(v) or 0, v))
+        categories = sorted({job.params[param] for job in done},
+                            key=lambda v: (to_number(v) is None, to_number(v) or 0, v))
         index = {value: i for i, value in enumerate(categories)}
         xs = [float(index[job.params[param]]) for job in done]
         ax.set_xticks(range(len(categories)))
-        ax.set_xticklabels(categories, rotation=20 if len(categories) > 4 else 0, fontsize=8)
+        ax.set_xticklabels([str(_short_param(c)) for c in categories], rotation=20 if len(categories) > 4 else 0,
+                           fontsize=8)
     others = [k for k in swept if k != param]
     groups: dict[tuple, list[tuple[float, float]]] = {}
     for job, x in zip(done, xs):
@@ -445,7 +463,7 @@ def plot_objective_vs(jobs: list[JobResult], param: str, swept: list[str], path:
     if lined:
         for group, points in groups.items():
             points.sort()
-            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(others, group)) or None
+            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={_short_param(v)}" for k, v in zip(others, group)) or None
             ax.plot([p[0] for p in points], [p[1] for p in points], "-o", label=label)
         if others:
             ax.legend(fontsize=8)
@@ -461,8 +479,7 @@ def plot_objective_vs(jobs: list[JobResult], param: str, swept: list[str], path:
     ax.set_ylabel(f"objective ({direction})")
     ax.set_title(f"Objective vs {param} ({len(done)} completed job(s))")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     return Path(path)
 
 

@@ -6,6 +6,8 @@ without replaying a stateful sampler, and every process agrees on how many micro
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from medsft.train.optim import StepPlan
@@ -35,3 +37,97 @@ def rank_micro_batches(plan: StepPlan, seed: int, epoch: int, rank: int, shuffle
 def optimizer_step_groups(batches: list[list[int]], accum: int) -> list[list[list[int]]]:
     """Micro-batches grouped per optimizer step; the epoch's last group may hold fewer than `accum`."""
     return [batches[i : i + accum] for i in range(0, len(batches), accum)]
+
+
+# ------------------------------------------------------------------------------ length grouping and packing
+# Both keep the contract above: the order is a pure function of (seed, epoch, world, rank) and of the data
+# (lengths, or the rows packed once per run), with the same number of micro-batches per epoch as the plan says.
+
+
+def length_grouped_micro_batches(
+    plan: StepPlan,
+    lengths: list[int],
+    seed: int,
+    epoch: int,
+    rank: int,
+    shuffle: bool = True,
+    bucket_batches: int = 64,
+) -> list[list[int]]:
+    """Like `rank_micro_batches`, with examples of similar length in the same micro-batch.
+
+    The epoch's permutation is cut into buckets of `bucket_batches` global micro-batches, each bucket is sorted
+    by length (longest first), cut into global micro-batches, and the micro-batches of the whole epoch are then
+    shuffled (seeded by seed and epoch), except the one holding the epoch's longest example, which goes first
+    so that an out-of-memory shows at the first step. Every process of one global micro-batch gets examples of
+    similar length too. Larger buckets remove more padding; the shuffle keeps batches of different lengths
+    interleaved through the epoch.
+    """
+    if len(lengths) != plan.num_examples:
+        raise ValueError(f"{len(lengths)} lengths for a plan of {plan.num_examples} examples")
+    order = epoch_permutation(plan.num_examples, seed, epoch, shuffle)
+    order += order[: plan.padded_examples - len(order)]
+    global_bsz = plan.bsz * plan.world
+    bucket = global_bsz * max(1, int(bucket_batches))
+    chunks: list[list[int]] = []
+    for start in range(0, len(order), bucket):
+        part = sorted(order[start : start + bucket], key=lambda i: -lengths[i])  # stable: ties keep the shuffle
+        chunks.extend(part[s : s + global_bsz] for s in range(0, len(part), global_bsz))
+    # Only the epoch's last chunk can be short; which ones the shuffle moves where is seeded.
+    if shuffle and len(chunks) > 1:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919)
+        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
+        longest = max(range(len(chunks)), key=lambda c: (max(lengths[i] for i in chunks[c]), -c))
+        chunks.insert(0, chunks.pop(longest))
+    batches = []
+    for chunk in chunks:
+        per_rank = len(chunk) // plan.world
+        batches.append(chunk[rank * per_rank : (rank + 1) * per_rank])
+    return batches
+
+
+def packed_micro_batches(
+    plan: StepPlan, rows: list[list[int]], seed: int, epoch: int, rank: int, shuffle: bool = True
+) -> list[list[int]]:
+    """Micro-batches of `plan.bsz` packed rows (from `medsft.data.packing.best_fit_decreasing`), as example
+    indices. The plan counts ROWS (num_examples == len(rows)); rows are shuffled per epoch exactly like
+    examples in `rank_micro_batches`."""
+    if len(rows) != plan.num_examples:
+        raise ValueError(f"{len(rows)} packed rows for a plan of {plan.num_examples}")
+    return [[i for r in batch for i in rows[r]] for batch in rank_micro_batches(plan, seed, epoch, rank, shuffle)]
+
+
+class DataOrder:
+    """Which examples each process sees per micro-batch for the configured mode: padded (the default), grouped
+    by length (`data.group_by_length`) or packed (`data.packing`). `units` is what the StepPlan counts:
+    examples, or packed rows."""
+
+    def __init__(self, mode: str, lengths: list[int], rows: Optional[list[list[int]]] = None):
+        if mode not in ("padded", "grouped", "packed"):
+            raise ValueError(f"unknown data order mode {mode!r}")
+        if mode == "packed" and rows is None:
+            raise ValueError("packed mode needs the packed rows")
+        self.mode = mode
+        self.lengths = list(lengths)
+        self.rows = rows
+
+    @classmethod
+    def from_config(cls, data_cfg, examples: list[dict], seed: int) -> "DataOrder":
+        lengths = [len(ex["input_ids"]) for ex in examples]
+        if getattr(data_cfg, "packing", False):
+            from medsft.data.packing import best_fit_decreasing
+
+            return cls("packed", lengths, best_fit_decreasing(lengths, int(data_cfg.max_seq_len), seed))
+        if getattr(data_cfg, "group_by_length", False):
+            return cls("grouped", lengths)
+        return cls("padded", lengths)
+
+    @property
+    def units(self) -> int:
+        return len(self.rows) if self.mode == "packed" else len(self.lengths)
+
+    def micro_batches(self, plan: StepPlan, seed: int, epoch: int, rank: int, shuffle: bool = True) -> list[list[int]]:
+        if self.mode == "packed":
+            return packed_micro_batches(plan, self.rows, seed, epoch, rank, shuffle)
+        if self.mode == "grouped":
+            return length_grouped_micro_batches(plan, self.lengths, seed, epoch, rank, shuffle)
+        return rank_micro_batches(plan, seed, epoch, rank, shuffle)

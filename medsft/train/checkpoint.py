@@ -2,35 +2,56 @@
 
 Layout of `{root}/checkpoint-{epoch}-{step}/`:
     config.json, model.safetensors, generation_config.json, tokenizer files   (from_pretrained(dir) works)
-    training_state/        accelerate's save_state (optimizer, scheduler, RNG per process, DeepSpeed shards)
-    trainer_state.json     position in the data, step counters, wandb run id, config fingerprint
+    training_state/        accelerate's save_state: model, optimizer, LR scheduler, grad scaler, RNG states of
+                           every process (python, numpy, torch, cuda), DeepSpeed shards under ZeRO
+    trainer_state.json     position in the data (epoch, optimizer steps done in it), step and skip counters,
+                           the metric window not yet logged, wandb run id, config fingerprint
     medsft_config.yaml     the resolved config of the run (no secrets)
     COMPLETE               written last; a folder without it is never resumed from or counted as kept
 
-Everything is written into `.tmp-checkpoint-*` first, fsynced, then renamed: a process killed while saving
-leaves only a temp folder, which the next save or resume ignores and removes.
+Crash safety (a process may be SIGKILLed at any instruction):
+- Everything is written into `.tmp-checkpoint-*` first and fsynced; the COMPLETE marker is written and fsynced
+  last, then the folder is renamed to its final name (atomic) and the parent directory fsynced. A save killed
+  half-way leaves only a `.tmp-` folder, which resume ignores and the next save removes.
+- Rotation runs only after the new checkpoint is complete, never deletes the newest complete checkpoint, and
+  renames a folder to `.deleting-*` before removing its files, so a kill during deletion never leaves a
+  half-deleted folder under a checkpoint name.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
 
+from medsft.train import faults
+
+log = logging.getLogger("medsft.checkpoint")
+
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 TRAINING_STATE_DIR = "training_state"
 CONFIG_FILE = "medsft_config.yaml"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".deleting-"
 _NAME = re.compile(r"^checkpoint-(\d+)-(\d+)$")
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
     return f"checkpoint-{epoch}-{step}"
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+    """Global step in a checkpoint folder's name, or None when it is not one."""
+    match = _NAME.match(Path(path).name)
+    return int(match.group(2)) if match else None
 
 
 def list_complete_checkpoints(root: Path) -> list[Path]:
@@ -70,6 +91,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _delete(path: Path) -> None:
+    """Rename to `.deleting-*` (atomic: the name stops counting at once), then remove the files."""
+    trash = path.parent / f"{TRASH_PREFIX}{path.name}"
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def save_checkpoint(
     accelerator,
     model,
@@ -81,12 +118,13 @@ def save_checkpoint(
     cfg,
 ) -> Path:
     """Collective: every process must call it. Returns the final checkpoint path."""
+    started = time.perf_counter()
     root = Path(root)
     final = root / checkpoint_name(epoch, step)
-    tmp = root / f".tmp-{checkpoint_name(epoch, step)}"
+    tmp = root / f"{TMP_PREFIX}{checkpoint_name(epoch, step)}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
+        if tmp.exists():  # left by a save of this step that was killed
             shutil.rmtree(tmp)
         tmp.mkdir()
     accelerator.wait_for_everyone()
@@ -101,43 +139,66 @@ def save_checkpoint(
         state_dict=state_dict,
         safe_serialization=True,
     )
+    del state_dict
     accelerator.save_state(str(tmp / TRAINING_STATE_DIR))
     if accelerator.is_main_process:
         tokenizer.save_pretrained(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
         OmegaConf.save(cfg, tmp / CONFIG_FILE, resolve=True)
     accelerator.wait_for_everyone()
+    faults.in_save(step)  # TEST-ONLY (MEDSFT_TEST_FAULTS=kill_in_save=N): every file written, no marker yet
 
     if accelerator.is_main_process:
         _fsync_tree(tmp)
-        (tmp / COMPLETE_MARKER).write_text("ok\n", encoding="utf-8")
+        _write_synced(tmp / COMPLETE_MARKER, "ok\n")
         _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after resume at an epoch end)
-            shutil.rmtree(final)
+        trash = root / f"{TRASH_PREFIX}{final.name}"
+        if final.exists():  # a re-save of the same step: the old copy is un-named only now the new one is complete
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
         os.replace(tmp, final)
         _fsync_dir(root)
+        shutil.rmtree(trash, ignore_errors=True)
     accelerator.wait_for_everyone()
+    log.info("checkpoint %s written in %.2f s", final.name, time.perf_counter() - started)
     return final
 
 
 def rotate_checkpoints(root: Path, keep: int, protect: Optional[Path] = None) -> list[Path]:
     """Delete the oldest complete checkpoints beyond `keep`; never the newest, never `protect`.
 
-    Called only after the new checkpoint is complete, so a crash never leaves fewer than one good one.
-    Leftover temp folders from killed saves are removed too.
+    Call it only after the new checkpoint is complete, so a crash never leaves fewer than one good one.
+    Leftovers of killed saves (`.tmp-*`) and of killed deletions (`.deleting-*`) are removed too.
     """
     root = Path(root)
     removed = []
     complete = list_complete_checkpoints(root)
+    protected = Path(protect).resolve() if protect is not None else None
     for old in complete[: max(0, len(complete) - max(1, keep))]:
-        if protect is not None and old.resolve() == Path(protect).resolve():
+        if protected is not None and old.resolve() == protected:
             continue
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
         removed.append(old)
-    if root.is_dir():
-        for stale in root.glob(".tmp-checkpoint-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_leftovers(root)
     return removed
+
+
+def remove_leftovers(root: Path) -> list[Path]:
+    """Remove `.tmp-checkpoint-*` (killed saves) and `.deleting-*` (killed deletions) under root."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.name.startswith((f"{TMP_PREFIX}checkpoint-", TRASH_PREFIX))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def remove_checkpoints(paths: list[Path]) -> None:
+    """Delete whole checkpoints (resume.overwrite=true), each atomically un-named first."""
+    for path in paths:
+        if Path(path).exists():
+            _delete(Path(path))
 
 
 def read_trainer_state(checkpoint: Path) -> dict:

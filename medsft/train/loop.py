@@ -23,7 +23,10 @@ from omegaconf import DictConfig
 from medsft.config import to_plain_dict
 from medsft.errors import MedsftError
 from medsft.train import checkpoint as ckpt
+from medsft.train import faults  # TEST-ONLY fault injection hooks, inert unless $MEDSFT_TEST_FAULTS is set
 from medsft.train.batches import optimizer_step_groups, rank_micro_batches
+from medsft.train.attention import real_tokens, segment_lengths
+from medsft.train.kernels import forward_loss_sums
 from medsft.train.metrics import MetricWindow, MetricsFile, plot_curves, token_loss_sums
 from medsft.train.optim import StepPlan, build_optimizer, build_scheduler
 
@@ -69,6 +72,11 @@ class RunContext:
     metrics: MetricsFile
     pusher: object = None
     loss_scale: float = 1.0
+    # Throughput (medsft.train.batches.DataOrder, medsft.train.kernels.Kernels, medsft.train.flops.ModelFlops).
+    order: object = None
+    kernels: object = None
+    model_flops: object = None
+    peak_flops: Optional[float] = None
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -105,8 +113,15 @@ def setup(cfg: DictConfig, run_dir: Path) -> RunContext:
         data = build_sft_data(cfg.data, tokenizer, seed=cfg.seed)
     if not data.train:
         raise MedsftError(f"no training examples left in {cfg.data.path} after validation and length filtering")
+    from medsft.train.batches import DataOrder
+
+    order = DataOrder.from_config(cfg.data, data.train, seed=cfg.seed)  # padded | grouped | packed rows
+    if order.mode == "packed":
+        from medsft.data.packing import packing_stats
+
+        log.info("packing: %s", packing_stats(order.lengths, order.rows, cfg.data.max_seq_len))
     plan = StepPlan(
-        num_examples=len(data.train),
+        num_examples=order.units,  # examples, or packed rows
         bsz=cfg.train.train_bsz_per_gpu,
         accum=cfg.train.gradient_accumulation_steps,
         world=accelerator.num_processes,
@@ -118,9 +133,17 @@ def setup(cfg: DictConfig, run_dir: Path) -> RunContext:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    from medsft.train.flops import ModelFlops, device_peak_flops
+    from medsft.train.kernels import setup_kernels
+
+    kernels = setup_kernels(model, cfg, accelerator.device, packing=order.mode == "packed",
+                            grouped=order.mode == "grouped",
+                            zero3=bool(cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3))
+    model_flops = ModelFlops.of(model)
     optimizer = build_optimizer(model, cfg.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.optimizer, plan)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Built on the prepared optimizer: ZeRO rebuilds the param groups it steps (ZeRO-3 drops empty ones).
+    scheduler = build_scheduler(optimizer, cfg.optimizer, plan)
     # Checkpointed by save_state (never stepped by accelerate: we step it once per optimizer step).
     accelerator.register_for_checkpointing(scheduler)
 
@@ -129,12 +152,19 @@ def setup(cfg: DictConfig, run_dir: Path) -> RunContext:
     pusher = HubPusher(cfg.hf_repo_id, private=cfg.hub_private) if (cfg.push_to_hub and is_main) else None
     from medsft.distributed import loss_scale_for
 
-    return RunContext(
+    ctx = RunContext(
         cfg=cfg, run_dir=run_dir, ckpt_root=checkpoint_root(cfg), accelerator=accelerator, model=model,
         tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, data=data, plan=plan,
         collator=SFTCollator(pad_token_id=tokenizer.pad_token_id), state=TrainState(), tracker=tracker,
         metrics=metrics, pusher=pusher, loss_scale=loss_scale_for(accelerator),
+        order=order, kernels=kernels, model_flops=model_flops,
+        peak_flops=device_peak_flops(accelerator.device, accelerator.mixed_precision, _model_dtype(cfg)),
     )
+    if order.mode == "packed":
+        from medsft.data.packing import PackedCollator
+
+        ctx.collator = PackedCollator(pad_token_id=tokenizer.pad_token_id)
+    return ctx
 
 
 def _model_dtype(cfg: DictConfig) -> Optional[torch.dtype]:
@@ -147,7 +177,7 @@ def _model_dtype(cfg: DictConfig) -> Optional[torch.dtype]:
 
 
 def _to_device(batch: dict, device) -> dict:
-    return {key: value.to(device) for key, value in batch.items()}
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def _all_sum(ctx: RunContext, value: float) -> float:
@@ -171,29 +201,39 @@ def optimizer_step(ctx: RunContext, group: list[list[int]], window: MetricWindow
         batch = _to_device(batch, accelerator.device)
         with (nullcontext() if is_last else accelerator.no_sync(model)):
             with accelerator.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss_sum, loss_tokens, correct = token_loss_sums(logits, batch["labels"])
-            del logits
+                # padded or packed batch, through the configured attention / loss kernels (medsft.train.kernels)
+                loss_sum, loss_tokens, correct = forward_loss_sums(model, batch, ctx.kernels)
+                loss_sum = faults.on_micro_batch(loss_sum, ctx.state.global_step + 1, is_last)  # TEST-ONLY
             # Any process with a non-finite loss makes every process skip the step (same decision everywhere).
             finite = finite and _all_sum(ctx, 0.0 if torch.isfinite(loss_sum) else 1.0) == 0.0
             if finite:
                 # Per-token mean over the whole step; DDP/DeepSpeed average over processes and accelerate
                 # divides by the accumulation steps, which loss_scale undoes.
                 accelerator.backward(loss_sum / max(step_loss_tokens, 1.0) * ctx.loss_scale)
+            elif ctx.cfg.deepspeed.enabled:  # DeepSpeed needs every backward; NaN grads make it skip the step
+                from medsft.distributed import nonfinite_backward_loss
+
+                accelerator.backward(nonfinite_backward_loss(loss_sum / max(step_loss_tokens, 1.0)))
         window.add_micro_batch(
             loss_sum=loss_sum.item() if finite else 0.0,
             loss_tokens=int(loss_tokens) if finite else 0,
             correct=int(correct) if finite else 0,
-            tokens=int(batch["attention_mask"].sum()),
-            samples=batch["input_ids"].size(0),
+            tokens=real_tokens(batch),
+            samples=batch.get("num_examples", batch["input_ids"].size(0)),
+            padded_tokens=batch["input_ids"].numel(),
+            flops=ctx.model_flops.training_flops(real_tokens(batch), segment_lengths(batch)) if ctx.model_flops else 0,
         )
     state = ctx.state
+    if ctx.cfg.deepspeed.enabled:  # DeepSpeed stepped in the last backward, skipping non-finite gradients itself
+        from medsft.distributed import deepspeed_step_applied
+
+        finite = deepspeed_step_applied(model, finite)
     if not finite:
         ctx.optimizer.zero_grad(set_to_none=True)
         state.skipped_steps += 1
         state.consecutive_skips += 1
         window.skipped += 1
-        log.warning("step %d: non-finite loss, step skipped (%d in a row)", state.global_step + 1,
+        log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row)", state.global_step + 1,
                     state.consecutive_skips)
         if state.consecutive_skips >= ctx.cfg.train.max_consecutive_skips:
             raise TrainingDiverged(
@@ -238,8 +278,7 @@ def validation_loss(ctx: RunContext) -> Optional[float]:
         examples = [val[i] for i in indices] or [dict(val[0], labels=[-100] * len(val[0]["labels"]))]
         batch = _to_device(ctx.collator(examples), accelerator.device)
         with accelerator.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        part_loss, part_tokens, _ = token_loss_sums(logits, batch["labels"])
+            part_loss, part_tokens, _ = forward_loss_sums(model, batch, ctx.kernels)
         loss_sum += float(part_loss)
         loss_tokens += float(part_tokens)
     if was_training:
@@ -249,7 +288,7 @@ def validation_loss(ctx: RunContext) -> Optional[float]:
 
 
 def log_window(ctx: RunContext, window: MetricWindow, epoch_float: float) -> dict:
-    figures = window.reduce(ctx.accelerator)
+    figures = window.reduce(ctx.accelerator, peak_flops=ctx.peak_flops)
     state = ctx.state
     record = {
         "kind": "train",
@@ -276,13 +315,17 @@ def _lr_of_last_step(ctx: RunContext) -> float:
     return opt.learning_rate * factor
 
 
-def save(ctx: RunContext, epoch: int) -> Path:
+def save(ctx: RunContext, epoch: int, window: Optional[MetricWindow] = None) -> Path:
+    """Collective. `window`: the metric window not yet logged (saved so a resume logs the same figures)."""
+    from medsft.train.resume import window_state
+
     state = ctx.state
     if ctx.tracker.run_id:
         state.wandb_run_id = ctx.tracker.run_id
     path = ckpt.save_checkpoint(
         ctx.accelerator, ctx.model, ctx.tokenizer, ctx.ckpt_root, epoch, state.global_step,
-        trainer_state={**asdict(state), "plan": asdict(ctx.plan), "fingerprint": run_fingerprint(ctx)},
+        trainer_state={**asdict(state), "plan": asdict(ctx.plan), "fingerprint": run_fingerprint(ctx),
+                       "metric_window": window_state(window, ctx.accelerator) if window is not None else None},
         cfg=ctx.cfg,
     )
     if ctx.accelerator.is_main_process:
@@ -291,6 +334,9 @@ def save(ctx: RunContext, epoch: int) -> Path:
         if ctx.pusher is not None:
             ctx.pusher.submit(path, f"medsft {ctx.cfg.experiment_name} step {state.global_step}")
     ctx.accelerator.wait_for_everyone()
+    from medsft.train.checkpoint_eval import evaluate_checkpoint
+
+    evaluate_checkpoint(ctx)
     return path
 
 
@@ -316,10 +362,15 @@ def train(cfg: DictConfig, run_dir: Path) -> Optional[float]:
     ctx = setup(cfg, run_dir)
     accelerator, state, plan = ctx.accelerator, ctx.state, ctx.plan
     is_main = accelerator.is_main_process
-    try:
-        from medsft.train.resume import maybe_resume
+    from medsft.train.signals import PreemptionHandler
 
-        maybe_resume(ctx)
+    preemption = PreemptionHandler().install()  # SIGTERM: checkpoint at the next step boundary, exit 75
+    try:
+        from medsft.train.resume import maybe_resume, report_complete, restore_rng, restore_window
+
+        resumed = maybe_resume(ctx)  # updates ctx.state (= state) in place
+        if resumed is not None and resumed.complete:
+            return report_complete(ctx, resumed)
         if is_main:
             ctx.tracker.start(cfg, run_name=run_name(cfg), config=to_plain_dict(cfg), resume_id=state.wandb_run_id)
         _log_plan(ctx)
@@ -329,14 +380,18 @@ def train(cfg: DictConfig, run_dir: Path) -> Optional[float]:
         ctx.model.train()
         progress = _progress_bar(ctx)
         last_saved_step = state.global_step if state.global_step else -1
-        window = MetricWindow()
+        window = restore_window(resumed, accelerator)
+        restore_rng(resumed.rng if resumed else {})  # RNG as saved: what ran since load_state must not shift it
         while state.epoch < plan.epochs and state.global_step < plan.total_steps:
             groups = optimizer_step_groups(
-                rank_micro_batches(plan, cfg.seed, state.epoch, accelerator.process_index, cfg.data.shuffle),
+                ctx.order.micro_batches(plan, cfg.seed, state.epoch, accelerator.process_index, cfg.data.shuffle)
+                if ctx.order is not None
+                else rank_micro_batches(plan, cfg.seed, state.epoch, accelerator.process_index, cfg.data.shuffle),
                 plan.accum,
             )
             for group in groups[state.step_in_epoch :]:
                 optimizer_step(ctx, group, window)
+                faults.after_step(state.global_step)  # TEST-ONLY
                 progress.update(1)
                 window.steps += 1
                 epoch_float = state.epoch + state.step_in_epoch / len(groups)
@@ -347,8 +402,12 @@ def train(cfg: DictConfig, run_dir: Path) -> Optional[float]:
                 if cfg.train.eval_every_n_steps and state.global_step % cfg.train.eval_every_n_steps == 0:
                     _log_validation(ctx)
                 if cfg.checkpoint.every_n_steps and state.global_step % cfg.checkpoint.every_n_steps == 0:
-                    save(ctx, state.epoch)
+                    save(ctx, state.epoch, window)
                     last_saved_step = state.global_step
+                if state.global_step < plan.total_steps and preemption.stop_requested(accelerator):
+                    saved = last_saved_step == state.global_step
+                    path = ckpt.latest_complete_checkpoint(ctx.ckpt_root) if saved else save(ctx, state.epoch, window)
+                    raise preemption.preempted(state.global_step, path)
                 if state.global_step >= plan.total_steps:
                     break
             else:
@@ -356,7 +415,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Optional[float]:
                 state.epoch += 1
                 state.step_in_epoch = 0
                 if cfg.checkpoint.save_at_epoch_end and last_saved_step != state.global_step:
-                    save(ctx, finished_epoch)
+                    save(ctx, finished_epoch, window)
                     last_saved_step = state.global_step
                 continue
             break
@@ -366,9 +425,13 @@ def train(cfg: DictConfig, run_dir: Path) -> Optional[float]:
         after = _generation_check(ctx, "after")
         if cfg.checkpoint.save_final and last_saved_step != state.global_step:
             save(ctx, max(0, min(state.epoch, plan.epochs - 1)))
+        from medsft.distributed import write_debug_dump  # no-op unless $MEDSFT_DEBUG_DUMP (tests)
+
+        write_debug_dump(ctx)
         summary = _summarize(ctx, report, before, after)
         return summary["objective"]
     finally:
+        preemption.uninstall()
         _cleanup(ctx)
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-_SUM_KEYS = ("loss_sum", "loss_tokens", "correct", "tokens", "samples")
+# padded_tokens: tokens computed on, padding included; flops: useful training FLOPs (medsft.train.flops).
+_SUM_KEYS = ("loss_sum", "loss_tokens", "correct", "tokens", "samples", "padded_tokens", "flops")
 
 
 def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,15 +49,17 @@ class MetricWindow:
     grad_norms: list = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
-    def add_micro_batch(self, loss_sum: float, loss_tokens: int, correct: int, tokens: int, samples: int) -> None:
-        for key, value in zip(_SUM_KEYS, (loss_sum, loss_tokens, correct, tokens, samples)):
+    def add_micro_batch(self, loss_sum: float, loss_tokens: int, correct: int, tokens: int, samples: int,
+                        padded_tokens: int | None = None, flops: float = 0.0) -> None:
+        padded = tokens if padded_tokens is None else padded_tokens
+        for key, value in zip(_SUM_KEYS, (loss_sum, loss_tokens, correct, tokens, samples, padded, flops)):
             self.sums[key] += float(value)
 
-    def reduce(self, accelerator) -> dict:
+    def reduce(self, accelerator, peak_flops: float | None = None) -> dict:
         """Sum the window over processes and turn it into the logged figures."""
         local = torch.tensor([self.sums[k] for k in _SUM_KEYS], dtype=torch.float64, device=accelerator.device)
         total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
-        loss_sum, loss_tokens, correct, tokens, samples = total.tolist()
+        loss_sum, loss_tokens, correct, tokens, samples, padded_tokens, flops = total.tolist()
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         world = accelerator.num_processes
         finite_norms = [g for g in self.grad_norms if g is not None and math.isfinite(g)]
@@ -70,6 +73,9 @@ class MetricWindow:
             "tokens_per_s": tokens / elapsed,
             "loss_tokens_per_s": loss_tokens / elapsed,
             "tokens_per_s_per_device": tokens / elapsed / world,
+            # real / (real + padding); below 1 only for padded batches (packing computes no padding)
+            "padding_efficiency": min(1.0, tokens / padded_tokens) if padded_tokens else None,
+            "mfu": flops / elapsed / world / peak_flops if (peak_flops and flops) else None,
             "skipped_in_window": self.skipped,
         }
 

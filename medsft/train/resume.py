@@ -1,9 +1,33 @@
-"""Resume policy: which checkpoint (if any) a run continues from, and refusing resumes that cannot be exact."""
+"""Resume policy: which checkpoint (if any) a run continues from, refusing resumes that cannot be exact, and
+restoring everything the next step depends on.
+
+resume.from_checkpoint:
+    auto (default)  the newest COMPLETE checkpoint under {output_dir}/{experiment_name}, else a fresh start;
+                    when that checkpoint is the run's last step, the run is reported complete and nothing trains
+    never           a fresh start; refused when the checkpoint folder already holds checkpoints, unless
+                    resume.overwrite=true (then they are deleted first, so they can never be mistaken for this
+                    run's checkpoints by rotation or by a later resume=auto)
+    <path>          that checkpoint; refused when the checkpoint folder holds newer ones (a later resume=auto
+                    would pick them up), unless resume.overwrite=true (then those newer ones are deleted)
+
+A resume is exact (same losses, same weights, bitwise on one process) because the checkpoint holds the model,
+optimizer, LR scheduler and grad scaler (accelerate's save_state), every process's RNG states, the position in
+the data (epoch + optimizer steps done in it; the order itself is a pure function of the seed, see batches.py),
+the counters and the metric window not yet logged. Resuming with a config that changes what is computed is
+refused, naming the differing keys, unless resume.allow_config_change=true.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
 
 from medsft.errors import ConfigError
 from medsft.train import checkpoint as ckpt
@@ -11,26 +35,85 @@ from medsft.train import checkpoint as ckpt
 log = logging.getLogger("medsft.resume")
 
 _FRESH = ("never", "false", "no", "none", "")
+_AUTO = ("auto", "true", "yes", "latest")
+
+# Config keys (dotted prefixes) that do not change what training computes: where things are written, how
+# they are logged, launched or checkpointed, and labels. Every other key must match for an exact resume.
+# The data file's path is ignored but its content hash is compared (run_fingerprint), so a moved file resumes.
+IGNORED_CONFIG_KEYS = (
+    "defaults", "experiment_name", "output_dir", "log_dir", "push_to_hub", "hf_repo_id", "hub_private",
+    "resume", "checkpoint", "logging", "launcher", "generation_check", "sweep",
+    "model.name", "model.cache_dir", "data.name", "data.path", "data.format", "data.val_path", "data.cache_dir",
+    "data.num_workers", "train.eval_every_n_steps", "train.max_consecutive_skips",
+)
+
+
+@dataclass
+class Resumed:
+    """What maybe_resume restored; the loop uses it right before its first step."""
+
+    path: Path
+    complete: bool
+    window: dict = field(default_factory=dict)
+    rng: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- choosing
+
+
+def _choice(resume_cfg) -> str:
+    return str(resume_cfg.from_checkpoint).strip()
 
 
 def find_resume_checkpoint(resume_cfg, ckpt_root: Path) -> Path | None:
-    """The checkpoint to continue from, or None for a fresh start; raises ConfigError when unsafe."""
-    choice = str(resume_cfg.from_checkpoint).strip()
+    """The checkpoint to continue from, or None for a fresh start; raises ConfigError when unsafe.
+
+    Pure: deletes nothing (maybe_resume does, on the main process, when resume.overwrite=true).
+    """
+    choice = _choice(resume_cfg)
+    existing = ckpt.list_complete_checkpoints(ckpt_root)
     if choice.lower() in _FRESH:
-        existing = ckpt.list_complete_checkpoints(ckpt_root)
         if existing and not resume_cfg.overwrite:
             raise ConfigError(
-                f"resume.from_checkpoint={choice!r} but {ckpt_root} already holds {len(existing)} checkpoint(s) "
-                f"(newest {existing[-1].name}); pass resume.overwrite=true to start fresh there, or change "
-                f"experiment_name / output_dir"
+                f"resume.from_checkpoint={choice or 'never'} but {ckpt_root} already holds {len(existing)} "
+                f"checkpoint(s) (newest {existing[-1].name}); pass resume.overwrite=true to delete them and start "
+                f"fresh there, resume.from_checkpoint=auto to continue, or change experiment_name / output_dir"
             )
         return None
-    if choice.lower() == "auto":
-        return ckpt.latest_complete_checkpoint(ckpt_root)
-    path = Path(choice).expanduser()
+    if choice.lower() in _AUTO:
+        return existing[-1] if existing else None
+    path = Path(choice).expanduser().resolve()
     if not (path / ckpt.COMPLETE_MARKER).is_file():
-        raise ConfigError(f"resume.from_checkpoint={choice}: not a complete medsft checkpoint (no {ckpt.COMPLETE_MARKER})")
+        raise ConfigError(f"resume.from_checkpoint={choice}: not a complete medsft checkpoint (no "
+                          f"{ckpt.COMPLETE_MARKER} file in it)")
+    newer = _newer_than(path, existing)
+    if newer and not resume_cfg.overwrite:
+        raise ConfigError(
+            f"resume.from_checkpoint={choice} is older than {len(newer)} checkpoint(s) in {ckpt_root} "
+            f"({', '.join(p.name for p in newer)}); the resumed run would mix with them (rotation, resume=auto). "
+            f"Pass resume.overwrite=true to delete them, or resume into another experiment_name / output_dir"
+        )
     return path
+
+
+def _newer_than(path: Path, existing: list[Path]) -> list[Path]:
+    step = int(ckpt.read_trainer_state(path).get("global_step", 0))
+    return [p for p in existing if p.resolve() != path and (ckpt.checkpoint_step(p) or 0) > step]
+
+
+def _to_delete(resume_cfg, ckpt_root: Path, path: Optional[Path]) -> list[Path]:
+    """Checkpoints resume.overwrite=true removes: all for a fresh start, the newer ones for a given path."""
+    if not resume_cfg.overwrite:
+        return []
+    existing = ckpt.list_complete_checkpoints(ckpt_root)
+    if path is None:
+        return existing
+    if _choice(resume_cfg).lower() in _AUTO:
+        return []
+    return _newer_than(path, existing)
+
+
+# ----------------------------------------------------------------------------------------------- exactness
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -38,26 +121,158 @@ def config_differences(saved: dict, current: dict) -> list[str]:
             for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
 
 
-def maybe_resume(ctx) -> None:
-    """Load model/optimizer/scheduler/RNG state and the data position from the chosen checkpoint."""
+def _flatten(data: Any, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        out: dict = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def _relevant(flat: dict) -> dict:
+    return {k: v for k, v in flat.items()
+            if not any(k == p or k.startswith(p + ".") for p in IGNORED_CONFIG_KEYS)}
+
+
+def exactness_differences(path: Path, saved_state: dict, fingerprint: dict, cfg) -> list[str]:
+    """What differs between the checkpoint's run and this one in ways that change the computation."""
+    from medsft.config import to_plain_dict
+
+    config_diffs: list[str] = []
+    config_file = Path(path) / ckpt.CONFIG_FILE
+    if config_file.is_file():
+        saved_cfg = _relevant(_flatten(OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)))
+        now_cfg = _relevant(_flatten(to_plain_dict(cfg)))
+        config_diffs = config_differences(saved_cfg, now_cfg)
+    named = {line.split(":", 1)[0] for line in config_diffs}
+    fingerprint_diffs = [line for line in config_differences(saved_state.get("fingerprint", {}), fingerprint)
+                         if not any(k == line.split(":", 1)[0] or k.endswith("." + line.split(":", 1)[0])
+                                    for k in named)]
+    return fingerprint_diffs + config_diffs
+
+
+# ----------------------------------------------------------------------------------------------- RNG
+
+
+def rng_snapshot() -> dict:
+    snapshot = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        snapshot["cuda"] = torch.cuda.get_rng_state_all()
+    return snapshot
+
+
+def restore_rng(snapshot: dict) -> None:
+    if not snapshot:
+        return
+    random.setstate(snapshot["python"])
+    np.random.set_state(snapshot["numpy"])
+    torch.set_rng_state(snapshot["torch"])
+    if "cuda" in snapshot:
+        torch.cuda.set_rng_state_all(snapshot["cuda"])
+
+
+def _check_rng_file(path: Path, process_index: int) -> None:
+    """accelerate's load_state only logs (at info level) when a process's RNG file is missing or unreadable."""
+    from accelerate.utils import load
+    from accelerate.utils.constants import RNG_STATE_NAME
+
+    rng_file = Path(path) / ckpt.TRAINING_STATE_DIR / f"{RNG_STATE_NAME}_{process_index}.pkl"
+    if not rng_file.is_file():
+        log.warning("%s has no RNG state for process %d (different number of processes?): this process continues "
+                    "with its current RNG, so dropout differs from an uninterrupted run", path, process_index)
+        return
+    states = load(rng_file)
+    if not torch.equal(states["torch_manual_seed"], torch.get_rng_state()):
+        raise RuntimeError(f"the torch RNG state of process {process_index} was not restored from {rng_file}")
+
+
+# ----------------------------------------------------------------------------------------------- metric window
+
+
+def window_state(window, accelerator) -> dict:
+    """The metric window not yet logged, summed over processes (collective when there are several)."""
+    from medsft.train.metrics import _SUM_KEYS
+
+    local = torch.tensor([window.sums[k] for k in _SUM_KEYS], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+    return {"sums": dict(zip(_SUM_KEYS, total.tolist())), "steps": window.steps, "skipped": window.skipped,
+            "grad_norms": list(window.grad_norms)}
+
+
+def restore_window(resumed: Optional[Resumed], accelerator):
+    """A MetricWindow continuing the saved one: its sums on the main process (the others start at zero, the
+    log line sums over processes), its step/skip counts and grad norms everywhere."""
+    from medsft.train.metrics import MetricWindow
+
+    window = MetricWindow()
+    saved = resumed.window if resumed is not None else None
+    if saved:
+        if accelerator.is_main_process:
+            window.sums.update({k: float(v) for k, v in saved.get("sums", {}).items() if k in window.sums})
+        window.steps = int(saved.get("steps", 0))
+        window.skipped = int(saved.get("skipped", 0))
+        window.grad_norms = list(saved.get("grad_norms", []))
+    return window
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+
+def maybe_resume(ctx) -> Optional[Resumed]:
+    """Load model/optimizer/scheduler/scaler/RNG state and the data position from the chosen checkpoint.
+
+    Returns None for a fresh start. Collective: every process must call it.
+    """
     from medsft.train.loop import TrainState, run_fingerprint
 
-    cfg = ctx.cfg
+    cfg, accelerator = ctx.cfg, ctx.accelerator
     path = find_resume_checkpoint(cfg.resume, ctx.ckpt_root)
+    doomed = _to_delete(cfg.resume, ctx.ckpt_root, path)
+    if path is not None:
+        saved = ckpt.read_trainer_state(path)
+        differences = exactness_differences(path, saved, run_fingerprint(ctx), cfg)
+        if differences and not cfg.resume.allow_config_change:
+            raise ConfigError(
+                f"cannot resume exactly from {path}: the run differs in\n  - " + "\n  - ".join(differences)
+                + "\npass resume.allow_config_change=true to continue anyway, or resume.from_checkpoint=never "
+                  "resume.overwrite=true to start over"
+            )
+        if differences:
+            log.warning("resuming from %s with a changed config (resume.allow_config_change=true): %s", path,
+                        "; ".join(differences))
+    accelerator.wait_for_everyone()  # every process has decided before anything is deleted
+    if doomed and accelerator.is_main_process:
+        log.warning("resume.overwrite=true: deleting %d checkpoint(s) in %s: %s", len(doomed), ctx.ckpt_root,
+                    ", ".join(p.name for p in doomed))
+        ckpt.remove_checkpoints(doomed)
+    accelerator.wait_for_everyone()
     if path is None:
-        return
-    saved = ckpt.read_trainer_state(path)
-    differences = config_differences(saved.get("fingerprint", {}), run_fingerprint(ctx))
-    if differences and not cfg.resume.allow_config_change:
-        raise ConfigError(
-            f"cannot resume exactly from {path}: the run differs in\n  - " + "\n  - ".join(differences)
-            + "\npass resume.allow_config_change=true to continue anyway, or resume.from_checkpoint=never "
-              "resume.overwrite=true to start over"
-        )
-    ctx.accelerator.load_state(str(path / ckpt.TRAINING_STATE_DIR))
-    fields = {k: v for k, v in saved.items() if k in TrainState.__dataclass_fields__}
-    ctx.state = TrainState(**fields)
-    done = ctx.state.global_step >= ctx.plan.total_steps
-    log.info("resumed from %s at step %d (epoch %d)%s", path, ctx.state.global_step, ctx.state.epoch,
-             "; training was already complete (resume.from_checkpoint=never resume.overwrite=true starts over)"
-             if done else "")
+        return None
+
+    # In place: the loop holds a reference to ctx.state.
+    for key, value in saved.items():
+        if key in TrainState.__dataclass_fields__:
+            setattr(ctx.state, key, value)
+    if ctx.state.global_step >= ctx.plan.total_steps or ctx.state.epoch >= ctx.plan.epochs:
+        return Resumed(path=path, complete=True)  # nothing to train: the (large) training state is not loaded
+    accelerator.load_state(str(path / ckpt.TRAINING_STATE_DIR))
+    _check_rng_file(path, accelerator.process_index)
+    log.info("resumed from %s at step %d of %d (epoch %d, %d steps done in it)", path, ctx.state.global_step,
+             ctx.plan.total_steps, ctx.state.epoch, ctx.state.step_in_epoch)
+    return Resumed(path=path, complete=False, window=saved.get("metric_window") or {}, rng=rng_snapshot())
+
+
+def report_complete(ctx, resumed: Resumed) -> Optional[float]:
+    """The newest checkpoint is the run's last step: say so and train nothing (the caller returns, exit 0)."""
+    state = ctx.state
+    message = (
+        f"medsft: the run is already complete: {resumed.path} holds its final step {state.global_step} of "
+        f"{ctx.plan.total_steps}; nothing to train. To train again from scratch there: "
+        f"resume.from_checkpoint=never resume.overwrite=true; to train longer: raise train.n_epochs / "
+        f"train.max_steps with resume.allow_config_change=true."
+    )
+    log.info(message)
+    if ctx.accelerator.is_main_process:
+        print(message, flush=True)
+    return state.last_val_loss if state.last_val_loss is not None else state.last_loss

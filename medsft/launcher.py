@@ -1,0 +1,449 @@
+"""`python launch.py launcher.num_processes=8 ...` starts the distributed job itself.
+
+When the composed config asks for more than one process (launcher.num_processes > 1 or num_machines > 1), or
+for DeepSpeed (which needs a process group even on one device), and this process is not already one of a
+distributed job, the same config is re-invoked as a subprocess through `accelerate launch` (torchrun
+underneath; plain torchrun for a single DeepSpeed process): the child gets this run's Hydra overrides, so it
+composes the same config (checked: it refuses to start on any difference), writes into this run's folder
+(hydra.run.dir), and
+uses a free rendezvous port of its own, so the jobs of a multirun never collide. This process waits,
+forwards SIGINT/SIGTERM/SIGUSR1, and ends with the child's exit code (the worker's own code, e.g. 2 for a
+config error, not torchrun's generic 1). The child runs in place:
+
+- under `accelerate launch` / `torchrun` (WORLD_SIZE, LOCAL_RANK, RANK, or accelerate's ACCELERATE_* launch
+  variables are set),
+- under `srun` with one task per process (SLURM_STEP_NUM_TASKS == launcher.num_processes): SLURM's variables are
+  mapped to torch's (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+
+Under `srun` with one task per machine (SLURM_STEP_NUM_TASKS == launcher.num_machines) each task re-invokes itself
+on its machine: machine_rank from SLURM_NODEID, the main machine from $MASTER_ADDR (or the job's first node),
+the port from the job id (all machines must agree on it). See docs/distributed.md and
+scripts/slurm_multinode.sbatch.
+
+On CPU (no CUDA, or launcher.cpu=true) the child runs `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu
+--num_processes N` (gloo): `accelerate launch --cpu` would silently start ONE process. DeepSpeed runs are
+launched the same way without ACCELERATE_USE_CPU (which would drop DeepSpeed); their Accelerator picks gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Mapping, Optional
+
+from omegaconf import DictConfig
+
+from medsft.errors import ConfigError, MedsftError
+
+log = logging.getLogger("medsft.launcher")
+
+LAUNCH_DIR_ENV = "MEDSFT_LAUNCH_DIR"  # set for the child: expected config + per-rank exit codes
+CONFIG_FILE = "expected_config.json"
+
+# Variables a launcher sets for the processes it starts.
+_TORCH_LAUNCH_VARS = ("WORLD_SIZE", "LOCAL_RANK", "RANK", "TORCHELASTIC_RUN_ID")
+# Set by `accelerate launch` for its processes, also for a single one (never by an in-process Accelerator).
+_ACCELERATE_LAUNCH_VARS = ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_CONFIG_DS_FIELDS")
+# Hydra's own overrides that still matter to the child's composition; run dirs, sweep/launcher plugins and
+# the job's identity do not (the child is a plain single run into this run's folder).
+_HYDRA_PASS_THROUGH = ("hydra.searchpath", "hydra.verbose", "hydra.job.chdir", "hydra/job_logging",
+                       "hydra/hydra_logging", "hydra.job_logging", "hydra.hydra_logging")
+
+
+class DistributedJobFailed(MedsftError):
+    """The re-invoked distributed job ended non-zero; its exit code becomes ours."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ----------------------------------------------------------------------------------------------- decisions
+
+
+def world_size(cfg: DictConfig) -> int:
+    """launcher.num_processes is the TOTAL over all machines (accelerate's meaning)."""
+    return int(cfg.launcher.num_processes)
+
+
+def inside_launcher(environ: Mapping[str, str] = os.environ) -> bool:
+    """True in a process started by accelerate launch / torchrun (or a SLURM srun task per process)."""
+    if any(environ.get(name) not in (None, "") for name in _TORCH_LAUNCH_VARS + _ACCELERATE_LAUNCH_VARS):
+        return True
+    return environ.get(LAUNCH_DIR_ENV) not in (None, "")
+
+
+def slurm_task_per_process(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> bool:
+    """`srun` started one task per training process: run in place with SLURM's ranks.
+
+    SLURM_STEP_NUM_TASKS is set by srun for its tasks only (a batch script sees the allocation's SLURM_NTASKS
+    but is a single process).
+    """
+    ntasks = int(environ.get("SLURM_STEP_NUM_TASKS", "0") or 0)
+    return ntasks > 1 and ntasks == world_size(cfg) and environ.get("SLURM_PROCID", "") != ""
+
+
+def needs_relaunch(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> bool:
+    # DeepSpeed needs a process group even for one process (zero2_local): torchrun's variables give it one.
+    wants = world_size(cfg) > 1 or int(cfg.launcher.num_machines) > 1 or bool(cfg.deepspeed.enabled)
+    return wants and not inside_launcher(environ) and not slurm_task_per_process(cfg, environ)
+
+
+def check_launcher(cfg: DictConfig) -> None:
+    launcher = cfg.launcher
+    if world_size(cfg) % int(launcher.num_machines):
+        raise ConfigError(f"launcher.num_processes={launcher.num_processes} (the total over all machines) must "
+                          f"divide by launcher.num_machines={launcher.num_machines}")
+    if not 0 <= int(launcher.machine_rank) < int(launcher.num_machines):
+        raise ConfigError(f"launcher.machine_rank={launcher.machine_rank} must be in [0, {launcher.num_machines})")
+    if not 0 <= int(launcher.main_process_port) < 65536:
+        raise ConfigError(f"launcher.main_process_port={launcher.main_process_port} must be a port "
+                          "(0 = pick a free one)")
+
+
+# ----------------------------------------------------------------------------------------------- ports, hosts
+
+
+def pick_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now (the OS picks it); each job of a multirun asks for its own."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def slurm_job_port(environ: Mapping[str, str] = os.environ) -> Optional[int]:
+    """Same port on every machine of a SLURM job, different between jobs: 20000 + job id mod 20000."""
+    job = environ.get("SLURM_JOB_ID")
+    return 20000 + int(job) % 20000 if job and job.isdigit() else None
+
+
+def slurm_first_host(environ: Mapping[str, str] = os.environ) -> Optional[str]:
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not nodelist or not shutil.which("scontrol"):
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
+def rendezvous(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> dict:
+    """machine_rank / main_process_ip / main_process_port for this machine's `accelerate launch`."""
+    launcher = cfg.launcher
+    machines = int(launcher.num_machines)
+    machine_rank = int(launcher.machine_rank)
+    ip = launcher.main_process_ip
+    port = int(launcher.main_process_port)
+    if machines == 1:
+        return {"machine_rank": 0, "main_process_ip": ip, "main_process_port": port or pick_free_port()}
+    slurm_nodes = int(environ.get("SLURM_NNODES", "0") or 0)
+    if slurm_nodes == machines and environ.get("SLURM_NODEID", "").isdigit():
+        machine_rank = int(environ["SLURM_NODEID"])
+    ip = ip or environ.get("MASTER_ADDR") or slurm_first_host(environ)
+    port = port or slurm_job_port(environ) or 0
+    if not ip:
+        raise ConfigError(f"launcher.num_machines={machines} needs launcher.main_process_ip (the address of machine "
+                          "0), or $MASTER_ADDR, or a SLURM allocation")
+    if not port:
+        raise ConfigError(f"launcher.num_machines={machines} needs launcher.main_process_port: every machine must "
+                          "use the same one (under SLURM it is derived from the job id)")
+    return {"machine_rank": machine_rank, "main_process_ip": ip, "main_process_port": port}
+
+
+def adopt_slurm_env(cfg: DictConfig, environ: dict = os.environ) -> None:
+    """`srun` task per process: give torch/accelerate the variables torchrun would have set."""
+    if not slurm_task_per_process(cfg, environ) or environ.get("WORLD_SIZE"):
+        return
+    environ["RANK"] = environ["SLURM_PROCID"]
+    environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+    environ["WORLD_SIZE"] = environ["SLURM_STEP_NUM_TASKS"]
+    environ["LOCAL_WORLD_SIZE"] = environ.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0].split(",")[0] or str(
+        world_size(cfg) // int(cfg.launcher.num_machines))
+    environ.setdefault("MASTER_ADDR", cfg.launcher.main_process_ip or slurm_first_host(environ) or "127.0.0.1")
+    environ.setdefault("MASTER_PORT", str(cfg.launcher.main_process_port or slurm_job_port(environ) or 29500))
+
+
+# ----------------------------------------------------------------------------------------------- the command
+
+
+def _quote(value: str) -> str:
+    """A value for a Hydra override: as is when plain, else single-quoted with escapes."""
+    if re.fullmatch(r"[\w./:+\-@~%]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _cpu(cfg: DictConfig) -> bool:
+    if cfg.launcher.cpu:
+        return True  # without importing torch in this waiting process
+    from medsft.distributed import use_cpu
+
+    return use_cpu(cfg)
+
+
+def accelerate_command(cfg: DictConfig, hydra_args: list[str], rdzv: dict, config_file: Path) -> list[str]:
+    """`python -m accelerate.commands.launch ... -m medsft.cli train <hydra args>` for this machine.
+
+    One process (DeepSpeed on one device) goes through torchrun instead: `accelerate launch --multi_gpu` wants
+    two or more, and without it no process group (which DeepSpeed needs) is set up.
+    """
+    launcher = cfg.launcher
+    machines = int(launcher.num_machines)
+    if world_size(cfg) == 1 and machines == 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "1",
+                "--master_addr", "127.0.0.1", "--master_port", str(rdzv["main_process_port"]),
+                "--module", "medsft.cli", "train", *hydra_args]
+    argv = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(config_file),
+        "--multi_gpu",
+        "--num_processes", str(world_size(cfg)),
+        "--num_machines", str(machines),
+        "--machine_rank", str(rdzv["machine_rank"]),
+        "--main_process_port", str(rdzv["main_process_port"]),
+        # medsft's Accelerator sets precision and DeepSpeed from the config; the launcher only starts processes.
+        "--mixed_precision", "no",
+        "--dynamo_backend", "no",
+    ]
+    if rdzv.get("main_process_ip"):
+        argv += ["--main_process_ip", str(rdzv["main_process_ip"])]
+    if machines > 1:
+        argv += ["--rdzv_backend", str(launcher.rdzv_backend), "--same_network"]
+    if _cpu(cfg):
+        threads = max(1, (os.cpu_count() or 1) // max(1, world_size(cfg) // machines))
+        argv += ["--num_cpu_threads_per_process", str(threads)]
+    return argv + ["--module", "medsft.cli", "train", *hydra_args]
+
+
+def child_env(cfg: DictConfig, launch_dir: Path, environ: Mapping[str, str] = os.environ) -> dict:
+    env = dict(environ)
+    env[LAUNCH_DIR_ENV] = str(launch_dir)
+    if _cpu(cfg) and not cfg.deepspeed.enabled:
+        env["ACCELERATE_USE_CPU"] = "1"  # with --multi_gpu: N gloo processes (`--cpu` would start one)
+    else:
+        env.pop("ACCELERATE_USE_CPU", None)  # it would silently drop DeepSpeed
+        if cfg.deepspeed.enabled and cfg.launcher.cpu:
+            env["CUDA_VISIBLE_DEVICES"] = ""  # DeepSpeed on CPU although this machine has GPUs
+            env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def _minimal_accelerate_config(path: Path) -> Path:
+    """Our own accelerate config file, so a user's ~/.cache/huggingface/accelerate default cannot leak in."""
+    path.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nuse_cpu: false\n"
+                    "debug: false\ndowncast_bf16: 'no'\nenable_cpu_affinity: false\n", encoding="utf-8")
+    return path
+
+
+def hydra_child_args(cfg: DictConfig, run_dir: Path) -> tuple[list[str], Path]:
+    """(the child's Hydra command line, its working directory) from this process's HydraConfig."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError as err:
+        raise ConfigError("a distributed run (launcher.num_processes > 1, or DeepSpeed) re-invokes itself through "
+                          "its Hydra command line: start it with `python launch.py ...` / `medsft train ...`, or "
+                          "start the processes yourself (accelerate launch / torchrun)") from err
+    args: list[str] = []
+    for source in hydra_cfg.runtime.config_sources:
+        path = str(source.path)
+        if source.schema != "file":
+            continue
+        if source.provider == "main":
+            args.append(f"--config-path={path}")
+        elif source.provider == "command-line":
+            args.append(f"--config-dir={path}")
+    args.append(f"--config-name={hydra_cfg.job.config_name}")
+    args += list(hydra_cfg.overrides.task)
+    args += [o for o in hydra_cfg.overrides.hydra if o.split("=", 1)[0].lstrip("+~") in _HYDRA_PASS_THROUGH]
+    args += [
+        f"hydra.run.dir={_quote(str(Path(run_dir).resolve()))}",
+        "hydra.output_subdir=null",  # this run's .hydra/ is already written
+        # One log file per rank in the run folder (both ranks appending to one file interleaves them).
+        "hydra.job.name=train_rank${oc.env:RANK,0}",
+        f"output_dir={_quote(str(cfg.output_dir))}",  # a multirun job moves it (sweep.checkpoints)
+    ]
+    return args, Path(hydra_cfg.runtime.cwd)
+
+
+# ----------------------------------------------------------------------------------------------- relaunch
+
+
+def _config_snapshot(cfg: DictConfig) -> dict:
+    from medsft.config import to_plain_dict
+
+    return json.loads(json.dumps(to_plain_dict(cfg), default=str))
+
+
+def _flat(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def check_child_config(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> None:
+    """In a re-invoked child: refuse to train on a config that differs from the parent's."""
+    launch_dir = environ.get(LAUNCH_DIR_ENV)
+    expected_file = Path(launch_dir) / CONFIG_FILE if launch_dir else None
+    if expected_file is None or not expected_file.is_file():
+        return
+    expected = _flat(json.loads(expected_file.read_text(encoding="utf-8")))
+    got = _flat(_config_snapshot(cfg))
+    diffs = [f"{key}: parent {expected.get(key)!r} != child {got.get(key)!r}"
+             for key in sorted(set(expected) | set(got)) if expected.get(key) != got.get(key)]
+    if diffs:
+        raise ConfigError("the distributed child composed a different config than the parent (overrides not passed "
+                          "through?):\n  - " + "\n  - ".join(diffs[:20]))
+
+
+def record_exit(code: int, environ: Mapping[str, str] = os.environ) -> None:
+    """In a re-invoked child: leave this rank's exit code for the parent (torchrun reports only 1)."""
+    launch_dir = environ.get(LAUNCH_DIR_ENV)
+    if not launch_dir or not Path(launch_dir).is_dir():
+        return
+    rank = environ.get("RANK", "0")
+    try:
+        (Path(launch_dir) / f"rank{rank}.exit").write_text(str(int(code)), encoding="utf-8")
+    except OSError:
+        pass
+
+
+def _worker_exit_code(launch_dir: Path, launcher_code: int) -> int:
+    codes = []
+    for path in sorted(launch_dir.glob("rank*.exit"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0)):
+        try:
+            codes.append(int(path.read_text(encoding="utf-8").strip()))
+        except (OSError, ValueError):
+            continue
+    nonzero = [c for c in codes if c]
+    return nonzero[0] if nonzero else launcher_code
+
+
+def _objective(run_dir: Path) -> Optional[float]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    objective = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("kind") == "summary":
+            objective = record.get("objective")
+    return objective
+
+
+def _set_parent_death_signal() -> None:  # pragma: no cover - runs in the forked child
+    """Linux: the launcher dies with its parent (no orphaned training processes)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the signal forwarding below still applies
+        pass
+
+
+def _training_processes(pid: int) -> list:
+    """The launcher's children: torchrun's workers (its agent runs inside the launcher process)."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).children(recursive=False)
+    except Exception:  # noqa: BLE001 - psutil missing or the process gone: signal the launcher instead
+        return []
+
+
+def run_child(argv: list[str], env: dict, cwd: Path) -> int:
+    """Run the launcher in its own session and wait; returns its exit code.
+
+    SIGINT goes to the launcher (torchrun stops its workers). SIGTERM and SIGUSR1 (a scheduler's "time is
+    nearly up") become SIGTERM to the training processes themselves: they save a checkpoint at the next step
+    boundary and exit (medsft/train/signals.py); torchrun, signalled itself, would SIGKILL them 30 s later.
+    """
+    proc = subprocess.Popen(argv, env=env, cwd=str(cwd), start_new_session=True,
+                            preexec_fn=_set_parent_death_signal if sys.platform.startswith("linux") else None)
+    forwarded = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None]
+    previous = {}
+
+    def forward(signum, _frame):
+        if proc.poll() is not None:
+            return
+        workers = [] if signum == signal.SIGINT else _training_processes(proc.pid)
+        if not workers:
+            proc.send_signal(signum if signum != getattr(signal, "SIGUSR1", None) else signal.SIGTERM)
+        for worker in workers:
+            try:
+                worker.send_signal(signal.SIGTERM)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    try:
+        for sig in forwarded:
+            try:
+                previous[sig] = signal.signal(sig, forward)
+            except ValueError:  # not the main thread
+                pass
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def relaunch(cfg: DictConfig, run_dir: Path) -> Optional[float]:
+    """Run this config as an `accelerate launch` job; returns its objective, raises DistributedJobFailed."""
+    check_launcher(cfg)
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    hydra_args, cwd = hydra_child_args(cfg, run_dir)
+    rdzv = rendezvous(cfg)
+    launch_dir = Path(tempfile.mkdtemp(prefix="medsft-launch-"))
+    try:
+        (launch_dir / CONFIG_FILE).write_text(json.dumps(_config_snapshot(cfg)), encoding="utf-8")
+        argv = accelerate_command(cfg, hydra_args, rdzv, _minimal_accelerate_config(launch_dir / "accelerate.yaml"))
+        log.info("starting %d process(es)%s (port %s): %s", world_size(cfg),
+                 f" on {cfg.launcher.num_machines} machines, this one rank {rdzv['machine_rank']}"
+                 if int(cfg.launcher.num_machines) > 1 else "", rdzv["main_process_port"],
+                 " ".join(argv[1:]))
+        code = run_child(argv, child_env(cfg, launch_dir), cwd)
+        if code != 0:
+            code = _worker_exit_code(launch_dir, code)
+            raise DistributedJobFailed(f"the distributed job ({world_size(cfg)} process(es)) exited with code {code}; "
+                                       "its messages are above", exit_code=code)
+    finally:
+        shutil.rmtree(launch_dir, ignore_errors=True)
+    return _objective(run_dir)
+
+
+def maybe_relaunch(cfg: DictConfig, run_dir: Path) -> tuple[bool, Optional[float]]:
+    """(True, objective) when the run went to a re-invoked distributed job; (False, None) to run it here."""
+    if needs_relaunch(cfg):
+        return True, relaunch(cfg, run_dir)
+    check_child_config(cfg)
+    adopt_slurm_env(cfg)
+    wanted, actual = world_size(cfg), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if wanted != actual and inside_launcher():
+        log.warning("launcher.num_processes=%d but this job has %d processes: the global batch is computed from "
+                    "the real number (%d x bsz x accumulation)", wanted, actual, actual)
+    return False, None
