@@ -230,6 +230,7 @@ class Bench:
         self.cuda = args.gpu and torch.cuda.is_available()
         self.torch = torch
         self.examples = None  # the N examples every mode trains on (token ids + labels)
+        self.model_flops = None
 
     def overrides(self, mode: str, run: str) -> list[str]:
         a = self.args
@@ -376,8 +377,13 @@ class Bench:
         if self.cuda:
             from medsft.train.flops import ModelFlops, peak_flops
 
-            base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-            flops = ModelFlops.of(base).training_flops(tokens, [len(ex["input_ids"]) for ex in self.examples] * a.epochs)
+            if self.model_flops is None:
+                with torch.device("meta"):
+                    from transformers import AutoConfig
+
+                    self.model_flops = ModelFlops.of(AutoModelForCausalLM.from_config(
+                        AutoConfig.from_pretrained(self.model_dir)))
+            flops = self.model_flops.training_flops(tokens, [len(ex["input_ids"]) for ex in self.examples] * a.epochs)
             peak = peak_flops(torch.cuda.get_device_name(), "bf16")
             mfu = flops / seconds / peak if peak else None
         return Result(mode, rnd, tokens, seconds, times.get("steps", 0), mem.peak_mb,
@@ -385,6 +391,37 @@ class Bench:
 
     def run(self, mode: str, rnd: int, warmup_only: bool = False) -> Optional[Result]:
         return (self.medsft if mode.startswith("medsft") else self.trl)(mode, rnd, warmup_only)
+
+
+# ------------------------------------------------------------------------------------- GPU equivalence
+
+
+def packed_equivalence(model_dir: str, examples: list[dict], device: str, n: int = 4) -> dict:
+    """Logits of n examples packed into one row (medsft_varlen: torch varlen / per-example sdpa) against each
+    example alone, bf16 autocast on `device`: the boundary handling of the kernel actually used there."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medsft.data.packing import PackedCollator
+    from medsft.train import attention
+
+    attention.register()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model.set_attn_implementation(attention.VARLEN)
+    chosen = examples[:n]
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in PackedCollator(0)(chosen).items()}
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    worst = 0.0
+    with torch.no_grad(), torch.autocast(device_type=device, dtype=dtype, enabled=device == "cuda"):
+        packed = model(**attention.model_inputs(batch, attention.VARLEN)).logits.float()
+        cu = batch["cu_seq_lens"].tolist()
+        for k, ex in enumerate(chosen):
+            alone = model(input_ids=torch.tensor([ex["input_ids"]], device=device), use_cache=False).logits.float()
+            worst = max(worst, float((packed[:, cu[k]:cu[k + 1]] - alone).abs().max() / alone.abs().max()))
+    used = "torch varlen" if (device == "cuda" and not attention._TORCH_VARLEN_FAILED) else "per-example sdpa"
+    del model
+    return {"bench": "packed_equivalence", "device": device, "kernel": used, "examples": len(chosen),
+            "max_rel_diff": worst, "ok": worst < (2e-2 if device == "cuda" else 1e-5)}
 
 
 # ----------------------------------------------------------------------------------------------- data prep
@@ -542,7 +579,24 @@ def summarize(results: list[Result], modes: list[str]) -> list[dict]:
         rows.append({"bench": "throughput", "config": "best_vs_best", "medsft_best": med_best, "trl_best": trl_best,
                      "ratio_median_of_rounds": round(statistics.median(per_round), 3),
                      "ratio_rounds": [round(x, 3) for x in per_round]})
+    goals = {}
+    if by_mode.get("medsft_packed") and by_mode.get("medsft_padded"):
+        goals["packed_over_padded"] = round(statistics.median(_paired(by_mode["medsft_packed"], by_mode["medsft_padded"],
+                                                                      lambda r: r.tokens_per_s)), 3)
+    if by_mode.get("medsft_packed_cce") and by_mode.get("medsft_packed"):
+        goals["cce_peak_mem_over_dense"] = round(statistics.median(_paired(
+            by_mode["medsft_packed_cce"], by_mode["medsft_packed"], lambda r: r.peak_mem_mb)), 3)
+    if by_mode.get("medsft_packed") and by_mode["medsft_packed"][0].mfu is not None:
+        goals["packed_mfu"] = round(statistics.median(r.mfu for r in by_mode["medsft_packed"]), 4)
+    if goals:
+        rows.append({"bench": "throughput", "config": "goals", **goals})
     return rows
+
+
+def _paired(a: list[Result], b: list[Result], value) -> list[float]:
+    """Per-round ratios value(a) / value(b)."""
+    out = [value(x) / value(y) for x in a for y in b if x.round == y.round and value(y)]
+    return out or [float("nan")]
 
 
 def print_table(rows: list[dict], prep: list[dict], header: str) -> None:
@@ -550,7 +604,7 @@ def print_table(rows: list[dict], prep: list[dict], header: str) -> None:
     print(f"{'config':<20} {'tokens/s':>10} {'vs trl_padded':>14} {'pad eff':>8} {'peak MB':>9} {'steps':>6} "
           f"{'loss':>8} {'MFU':>7}")
     for r in rows:
-        if r["config"] == "best_vs_best":
+        if r["config"] in ("best_vs_best", "goals"):
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         ratio = f"{r['vs_trl_padded']:.2f}x" if r["vs_trl_padded"] is not None else "-"
@@ -561,6 +615,8 @@ def print_table(rows: list[dict], prep: list[dict], header: str) -> None:
         if r["config"] == "best_vs_best":
             print(f"best medsft ({r['medsft_best']}) / best TRL ({r['trl_best']}): {r['ratio_median_of_rounds']:.2f}x "
                   f"(median of per-round ratios {r['ratio_rounds']})")
+        if r["config"] == "goals":
+            print("medsft: " + ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("bench", "config")))
     for r in prep:
         print(f"data prep {r['config']:<40} {r['seconds_median']:>8.2f} s  ({r['records_per_s']:.0f} records/s; "
               f"medsft is {r['speedup_of_medsft']:.2f}x faster)" if r["config"] != "medsft_build_sft_data" else
@@ -617,11 +673,19 @@ def main(argv=None) -> int:
     print(json.dumps(env), flush=True)
 
     bench = Bench(args, work, model_dir, data_path)
+    if bench.cuda:
+        from medsft.data.dataset import build_sft_data
+        from transformers import AutoTokenizer
+
+        check_examples = build_sft_data({"path": str(data_path), "max_seq_len": args.seq},
+                                        AutoTokenizer.from_pretrained(model_dir), seed=0, use_cache=False).train
+        print(json.dumps(packed_equivalence(model_dir, check_examples, "cuda")), flush=True)
     lines: list[dict] = []
     # One warm-up step of each framework (first kernels, allocator growth), not timed.
-    bench.run("medsft_padded", -1, warmup_only=True)
-    if any(m.startswith("trl") for m in args.modes):
-        bench.run("trl_padded", -1, warmup_only=True)
+    if not args.smoke:
+        bench.run("medsft_padded", -1, warmup_only=True)
+        if any(m.startswith("trl") for m in args.modes):
+            bench.run("trl_padded", -1, warmup_only=True)
     results: list[Result] = []
     for rnd in range(args.rounds):
         order = args.modes if rnd % 2 == 0 else list(reversed(args.modes))  # alternate who goes first

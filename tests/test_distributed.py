@@ -436,9 +436,6 @@ def test_multi_node_rendezvous_and_slurm_in_place():
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_PORT"]) == ("1", "1", "2", "29999")
 
 
-@pytest.mark.xfail(reason="medsft/train/optim.py is_no_decay reads param.ndim; a ZeRO-3 partitioned parameter is "
-                          "a 1-D empty tensor, so under zero.Init every matrix loses weight decay. Fix in optim.py: "
-                          "ndim = len(getattr(param, 'ds_shape', param.shape))", strict=False)
 def test_zero3_partitioned_matrices_keep_weight_decay():
     from medsft.train.optim import is_no_decay
 

@@ -326,3 +326,33 @@ def test_loop_first_step_is_identical_packed_grouped_and_padded(tmp_path):
         assert other["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
     assert packed["padding_efficiency"] == 1.0 and padded["padding_efficiency"] < 1.0
     assert packed["tokens"] == padded["tokens"]
+
+
+@pytest.mark.parametrize("mode", ["data.packing=true", "data.group_by_length=true"])
+def test_preempted_packed_or_grouped_run_resumes_bitwise_exactly(tmp_path, monkeypatch, mode):
+    """Interrupted at a step boundary and resumed, a packed (or grouped) run logs the same losses as an
+    uninterrupted one: the rows and their order are recomputed from (seed, epoch, world, rank)."""
+    from train_utils import train_in_process
+
+    from medsft.train.faults import ENV
+    from medsft.train.metrics import read_metrics
+    from medsft.train.signals import TrainingPreempted
+
+    common = (mode, "data.max_samples=12", "data.max_seq_len=2048", "data.overlong=truncate", "data.val_ratio=0",
+              "train.train_bsz_per_gpu=1", "train.n_epochs=2", "checkpoint.every_n_steps=0",
+              "checkpoint.save_final=false", "checkpoint.save_at_epoch_end=false", "logging.plot=false")
+
+    def losses(run_dir):
+        return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
+
+    _, ref_dir = train_in_process(tmp_path / "ref", *common)
+    reference = losses(ref_dir)
+    stop = len(reference) // 2 + 1  # mid-run
+    monkeypatch.setenv(ENV, f"sigterm_after_step={stop}")
+    with pytest.raises(TrainingPreempted):
+        train_in_process(tmp_path / "cut", *common, run_dir=tmp_path / "cut" / "first")
+    monkeypatch.delenv(ENV)
+    train_in_process(tmp_path / "cut", *common, run_dir=tmp_path / "cut" / "second")
+    first, second = losses(tmp_path / "cut" / "first"), losses(tmp_path / "cut" / "second")
+    assert max(first) == stop and min(second) == stop + 1
+    assert {**first, **second} == reference  # bitwise

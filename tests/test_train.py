@@ -255,3 +255,18 @@ def test_each_checkpoint_gets_a_small_benchmark_eval(tmp_path):
     evals = _records(run_dir, "checkpoint_eval")
     assert evals and evals[0]["step"] == 2 and evals[0]["benchmark"] == "headqa_es"
     assert evals[0]["n"] == 3 and 0.0 <= evals[0]["accuracy"] <= 1.0
+
+
+def test_non_finite_gradients_from_a_finite_loss_skip_the_step(tmp_path, monkeypatch):
+    from medsft.train import faults
+
+    monkeypatch.setenv(faults.ENV, "nan_grad_at_steps=2")
+    _, run_dir = train_in_process(tmp_path, "train.max_steps=4", "train.train_bsz_per_gpu=2")
+    train = _records(run_dir, "train")
+    assert [r["skipped_total"] for r in train] == [0, 1, 1, 1]
+    assert all(math.isfinite(r["loss"]) for r in train)
+    latest = ckpt.latest_complete_checkpoint(tmp_path / "ckpts" / "tiny")
+    from safetensors.torch import load_file
+
+    weights = load_file(str(latest / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())

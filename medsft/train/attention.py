@@ -98,20 +98,62 @@ def varlen_sdpa_attention(
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     dropout_p = dropout if module.training else 0.0
     window = getattr(module, "sliding_window", None)
+    if len(segments) == 1 and query.is_cuda and window is None and dropout_p == 0.0:
+        out = _torch_varlen(query, key, value, segments[0], scaling)
+        if out is not None:
+            return out, None
     rows = []
     # split (not slicing): its backward is one concatenation, where per-segment slices would each scatter
-    # their gradient into a zero-filled tensor of the whole row
+    # their gradient into a zero-filled tensor of the whole row. Outputs are joined along T already in the
+    # [B, T, H, D] layout the caller wants, so there is one copy, not a concatenation plus a transpose.
     q_rows, k_rows, v_rows = (x.split(1, dim=0) if x.shape[0] > 1 else (x,) for x in (query, key, value))
     for b, row_segments in enumerate(segments):
         sizes = [e - s for s, e in row_segments]
         parts = [
-            _segment_attention(q, k, v, scaling, dropout_p, window)
+            _segment_attention(q, k, v, scaling, dropout_p, window).transpose(1, 2)
             for q, k, v in zip(q_rows[b].split(sizes, dim=2), k_rows[b].split(sizes, dim=2),
                                v_rows[b].split(sizes, dim=2))
         ]
-        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+        rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].contiguous())
     out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
-    return out.transpose(1, 2).contiguous(), None
+    return out, None
+
+
+_TORCH_VARLEN_FAILED: list = []
+
+
+def _torch_varlen(query, key, value, segments, scaling) -> Optional[torch.Tensor]:
+    """torch.nn.attention.varlen (flash varlen, CUDA, torch >= 2.9) on a flat row: one kernel for all examples.
+    None where unavailable (then the per-example loop runs); the first failure is logged once."""
+    if _TORCH_VARLEN_FAILED or query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        bounds = [segments[0][0]] + [e for _, e in segments]
+        cu = torch.tensor(bounds, dtype=torch.int32, device=query.device)
+        longest = max(e - s for s, e in segments)
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+        params = inspect.signature(varlen_attn).parameters
+        kwargs = {"scale": scaling}
+        if "window_size" in params:
+            kwargs["window_size"] = (-1, 0)  # causal
+        elif "is_causal" in params:
+            kwargs["is_causal"] = True
+        else:
+            raise TypeError("varlen_attn has neither window_size nor is_causal")
+        if k.shape[1] != q.shape[1]:
+            if "enable_gqa" not in params:
+                raise TypeError("varlen_attn without enable_gqa")
+            kwargs["enable_gqa"] = True
+        out = varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
+        return out[None]  # [1, T, H, D]
+    except Exception as err:  # noqa: BLE001 - older torch / unsupported head dim: per-example sdpa instead
+        _TORCH_VARLEN_FAILED.append(err)
+        log.warning("torch varlen attention unavailable (%s: %s); per-example sdpa instead", type(err).__name__, err)
+        return None
 
 
 def _varlen_mask(**kwargs: Any):
@@ -119,8 +161,10 @@ def _varlen_mask(**kwargs: Any):
     (the attention function applies causality per example), else exactly sdpa's mask."""
     from transformers.masking_utils import sdpa_mask
 
+    # use_vmap marks extra or/and mask functions (e.g. bidirectional image tokens): keep those as sdpa does
     if (kwargs.get("attention_mask") is None and kwargs.get("q_length") == kwargs.get("kv_length")
-            and not _nonzero(kwargs.get("q_offset")) and not _nonzero(kwargs.get("kv_offset"))):
+            and not kwargs.get("use_vmap") and not _nonzero(kwargs.get("q_offset"))
+            and not _nonzero(kwargs.get("kv_offset"))):
         return None
     return sdpa_mask(**kwargs)
 

@@ -2,6 +2,7 @@
 variable MEDSFT_TEST_FAULTS is set; it has no config key on purpose, so a production config can never enable it.
 
     MEDSFT_TEST_FAULTS="nan_at_steps=3,5,6"      loss of optimizer steps 3, 5 and 6 (1-based) becomes NaN
+    MEDSFT_TEST_FAULTS="nan_grad_at_steps=4"     loss of step 4 stays finite but its gradients become NaN
     MEDSFT_TEST_FAULTS="kill_mid_step=5"         SIGKILL inside step 5, at its last micro-batch (earlier
                                                  micro-batches of the step have already run backward)
     MEDSFT_TEST_FAULTS="kill_in_save=8"          SIGKILL while the checkpoint of step 8 is being written: every
@@ -18,8 +19,10 @@ from __future__ import annotations
 import os
 import signal
 
+import torch
+
 ENV = "MEDSFT_TEST_FAULTS"
-_KNOWN = ("nan_at_steps", "kill_mid_step", "kill_in_save", "kill_after_step", "sigterm_after_step")
+_KNOWN = ("nan_at_steps", "nan_grad_at_steps", "kill_mid_step", "kill_in_save", "kill_after_step", "sigterm_after_step")
 _parsed: tuple[str, dict[str, set[int]]] = ("", {})
 
 
@@ -53,7 +56,21 @@ def on_micro_batch(loss_sum, step: int, is_last: bool):
         _kill_self()
     if _hit("nan_at_steps", step):
         return loss_sum * float("nan")
+    if _hit("nan_grad_at_steps", step):
+        return _NaNGradient.apply(loss_sum)
     return loss_sum
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
 
 
 def after_step(step: int) -> None:

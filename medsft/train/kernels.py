@@ -127,7 +127,10 @@ class Kernels:
 
 def setup_kernels(model: torch.nn.Module, cfg: Any, device: torch.device, packing: bool = False,
                   grouped: bool = False, zero3: bool = False) -> Kernels:
-    """Apply the configured kernels to the (unwrapped) model before accelerate.prepare; log what was skipped."""
+    """Apply the configured kernels to the (unwrapped) model before accelerate.prepare; log what was skipped.
+
+    `grouped` (length-grouped batches) needs nothing beyond the padded path: both are right-padded batches.
+    """
     model_cfg = cfg.model if hasattr(cfg, "model") else cfg
     kernels = Kernels()
     requested = getattr(model_cfg, "attn_implementation", "sdpa")
@@ -135,7 +138,9 @@ def setup_kernels(model: torch.nn.Module, cfg: Any, device: torch.device, packin
         kernels.implementation = attention.configure_for_packing(model, requested, device)
     else:
         kernels.implementation = attention.current_implementation(model)
-    kernels.drop_causal_padding_mask = grouped
+    # Right-padded batches under causal sdpa need no padding mask (see attention.model_inputs): same loss and
+    # gradients, and sdpa takes its causal kernel instead of a dense masked one (~2x faster attention on CPU).
+    kernels.drop_causal_padding_mask = not packing
     if getattr(model_cfg, "use_liger_kernel", False):
         kernels.liger = apply_liger(model, device)
         reason = _chunked_loss_unsupported(model, zero3)

@@ -224,10 +224,19 @@ def optimizer_step(ctx: RunContext, group: list[list[int]], window: MetricWindow
             flops=ctx.model_flops.training_flops(real_tokens(batch), segment_lengths(batch)) if ctx.model_flops else 0,
         )
     state = ctx.state
+    grad_norm = None
     if ctx.cfg.deepspeed.enabled:  # DeepSpeed stepped in the last backward, skipping non-finite gradients itself
         from medsft.distributed import deepspeed_step_applied
 
         finite = deepspeed_step_applied(model, finite)
+        if finite and hasattr(model, "get_global_grad_norm"):
+            grad_norm = model.get_global_grad_norm()
+    elif finite:
+        # Clipping also measures the norm (max_grad_norm<=0: measured, not clipped); a finite loss can still
+        # give non-finite gradients, and those must not reach the optimizer either.
+        max_norm = ctx.cfg.optimizer.max_grad_norm
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm and max_norm > 0 else math.inf)
+        finite = grad_norm is None or math.isfinite(float(grad_norm))
     if not finite:
         ctx.optimizer.zero_grad(set_to_none=True)
         state.skipped_steps += 1
@@ -237,16 +246,11 @@ def optimizer_step(ctx: RunContext, group: list[list[int]], window: MetricWindow
                     state.consecutive_skips)
         if state.consecutive_skips >= ctx.cfg.train.max_consecutive_skips:
             raise TrainingDiverged(
-                f"{state.consecutive_skips} consecutive optimizer steps had a non-finite loss "
+                f"{state.consecutive_skips} consecutive optimizer steps had a non-finite loss or gradients "
                 f"(train.max_consecutive_skips={ctx.cfg.train.max_consecutive_skips}); the last good checkpoint "
                 f"is kept in {ctx.ckpt_root}"
             )
     else:
-        grad_norm = None
-        if ctx.cfg.optimizer.max_grad_norm and ctx.cfg.optimizer.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), ctx.cfg.optimizer.max_grad_norm)
-        if grad_norm is None and hasattr(model, "get_global_grad_norm"):
-            grad_norm = model.get_global_grad_norm()
         window.grad_norms.append(float(grad_norm) if grad_norm is not None else None)
         ctx.optimizer.step()
         ctx.optimizer.zero_grad(set_to_none=True)

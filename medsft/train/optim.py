@@ -15,7 +15,9 @@ _NORM_MARKERS = ("norm", "ln_", "ln1", "ln2", "layernorm")
 def is_no_decay(name: str, param: torch.nn.Parameter) -> bool:
     """Biases, norm weights and any 1-D parameter never get weight decay; matrices do."""
     lowered = name.lower()
-    if param.ndim < 2 or lowered.endswith(".bias"):
+    # Under ZeRO-3 a loaded parameter is a flat, empty shard; its real shape is in ds_shape.
+    ndim = len(getattr(param, "ds_shape", param.shape))
+    if ndim < 2 or lowered.endswith(".bias"):
         return True
     module_and_leaf = lowered.rsplit(".", 2)[-2:]
     return any(marker in part for part in module_and_leaf for marker in _NORM_MARKERS)
