@@ -5,10 +5,12 @@
     python launch.py --multirun optimizer.learning_rate=1e-5,5e-6
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from medsft.config import register_configs
+from medsft.config import check_cli_overrides, register_configs
 from medsft.run import run_from_hydra
 
 register_configs()
@@ -20,4 +22,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_cli_overrides(sys.argv[1:])
     main()

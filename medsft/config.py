@@ -291,3 +291,62 @@ def to_plain_dict(cfg: DictConfig) -> dict:
     data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     data.pop("defaults", None)
     return data
+
+
+def unknown_override_keys(args: list[str]) -> list[str]:
+    """Messages for `key=value` command-line overrides whose key is not in the schema.
+
+    Hydra rejects them too, but names neither the allowed keys nor a likely correction; this check runs
+    first (before Hydra composes anything) and does both. Group selections (`model=tiny_random`), appends
+    (`+x=`), deletions (`~x`), `hydra.*` and free-form subtrees (`rl.*`) are left to Hydra.
+    """
+    import dataclasses
+    import difflib
+
+    messages = []
+    for arg in args:
+        if arg.startswith(("-", "+", "~")) or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0]
+        if key.startswith("hydra.") or key == "hydra" or "/" in key or _is_group_name(key):
+            continue
+        node: Any = Config
+        path = []
+        for part in key.split("."):
+            if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+                break  # below a free-form (Any / dict) node: nothing to check
+            fields = {f.name: f for f in dataclasses.fields(node) if f.name != "defaults"}
+            if part not in fields:
+                where = ".".join(path) or "the top level"
+                close = difflib.get_close_matches(part, fields, n=1)
+                hint = f" (did you mean {'.'.join([*path, close[0]])}?)" if close else ""
+                messages.append(f"unknown config key {key!r}{hint}; keys of {where}: {', '.join(sorted(fields))}")
+                break
+            path.append(part)
+            field_type = fields[part].type
+            node = _SCHEMA_TYPES.get(field_type, field_type) if isinstance(field_type, str) else field_type
+    return messages
+
+
+def _is_group_name(key: str) -> bool:
+    """`experiment=...`, `hparams_search=...`: config groups with no node of their own in the schema."""
+    from pathlib import Path
+
+    return "." not in key and (Path(__file__).resolve().parents[1] / "conf" / key).is_dir()
+
+
+# Field annotations are strings (from __future__ import annotations): map the nested schema names back.
+_SCHEMA_TYPES = {cls.__name__: cls for cls in (
+    TinyModelShape, ModelConfig, FieldMap, DataConfig, OptimizerConfig, TrainConfig, CheckpointConfig,
+    ResumeConfig, DeepSpeedConfig, LauncherConfig, LoggingConfig, GenerationCheckConfig, SweepConfig,
+)}
+
+
+def check_cli_overrides(args: list[str]) -> None:
+    """Exit with code 2 and a clear message when a command-line override names an unknown key."""
+    import sys
+
+    messages = unknown_override_keys(args)
+    if messages:
+        print("medsft: error: " + "\n  ".join(messages), file=sys.stderr)
+        sys.exit(ConfigError.exit_code)

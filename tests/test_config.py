@@ -128,3 +128,14 @@ def test_missing_required_data_path_is_reported():
     result = _launch("data=custom_es")
     assert result.returncode == 2
     assert "data.path" in result.stderr
+
+
+def test_unknown_key_names_the_allowed_keys_and_a_likely_fix():
+    result = _launch("train.max_stepz=3")
+    assert result.returncode == 2
+    assert "did you mean train.max_steps?" in result.stderr
+    assert "gradient_accumulation_steps" in result.stderr  # the allowed keys are listed
+    from medsft.config import unknown_override_keys
+
+    assert unknown_override_keys(["experiment=local_test", "model=tiny_random", "hydra.run.dir=x", "rl.kl_coef=1",
+                                  "+extra=1", "hydra/launcher=slurm", "data.fields.question=Q"]) == []
