@@ -233,6 +233,14 @@ def load_huatuo_o1(path: str | os.PathLike, subsets: Iterable[str] | None = None
 # ---------------------------------------------------------------------------------------------- HEAD-QA
 
 
+def _split_file(root: Path, name: str, what: str, preset: str) -> Path:
+    """The split's file inside a benchmark folder (or `root` itself when it is a file); DataError if absent."""
+    f = root / name if root.is_dir() else root
+    if not f.exists():
+        raise DataError(f"{what}: {f} not found; get it from {WHERE_TO_GET[preset]}")
+    return f
+
+
 def load_headqa(
     path: str | os.PathLike,
     splits: Iterable[str] = ("test",),
@@ -247,9 +255,7 @@ def load_headqa(
     cats = {c.lower() for c in (categories or [])}
     out = []
     for split in splits:
-        f = root / f"{split}_HEAD.json" if root.is_dir() else root
-        if not f.exists():
-            raise DataError(f"HEAD-QA split {split!r}: {f} not found; get it from {WHERE_TO_GET['headqa_es']}")
+        f = _split_file(root, f"{split}_HEAD.json", f"HEAD-QA split {split!r}", "headqa_es")
         data = _read_json(f)
         if not isinstance(data, dict) or "exams" not in data:
             raise DataError(f"{f}: not a HEAD-QA file (no 'exams')")
@@ -445,9 +451,7 @@ def load_casimedicos(
     root = resolve_data_path(path, "casimedicos_es")
     out = []
     for split in splits:
-        f = root / f"casimedicos-exp_{split}_qp_ce.json" if root.is_dir() else root
-        if not f.exists():
-            raise DataError(f"CasiMedicos split {split!r}: {f} not found; get it from {WHERE_TO_GET['casimedicos_es']}")
+        f = _split_file(root, f"casimedicos-exp_{split}_qp_ce.json", f"CasiMedicos split {split!r}", "casimedicos_es")
         data = _read_json(f)
         try:
             paragraphs = [p for d in data["data"] for p in d["paragraphs"]]

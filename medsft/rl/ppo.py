@@ -135,12 +135,7 @@ def make_ppo_trainer_class(base: type) -> type:
             out = super()._generate_and_score_completions(inputs)
             mode = "train" if self.model.training else "eval"
             self._metrics[mode].pop("frac_reward_zero_std", None)  # a group statistic, meaningless here
-            ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
-            attn = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
-            keep = out["completion_ids"].size(1)
-            mask = out["completion_mask"].float()
-            if "tool_mask" in out:
-                mask = mask * out["tool_mask"].float()
+            ids, attn, keep, mask = _sequences_and_completion_mask(out)
             args = self.args
             batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
             logps = self._get_per_token_logps_and_entropies
@@ -186,12 +181,7 @@ def make_ppo_trainer_class(base: type) -> type:
             if "returns" not in inputs:
                 return loss
             mode = "train" if self.model.training else "eval"
-            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-            attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-            keep = inputs["completion_ids"].size(1)
-            mask = inputs["completion_mask"].float()
-            if "tool_mask" in inputs:
-                mask = mask * inputs["tool_mask"].float()
+            ids, attn, keep, mask = _sequences_and_completion_mask(inputs)
             train_value = mode == "train" and torch.is_grad_enabled()
             with torch.set_grad_enabled(train_value):
                 vpred = self._values(ids, attn, keep)
@@ -248,3 +238,13 @@ def make_ppo_trainer_class(base: type) -> type:
                 self.value_optimizer.load_state_dict(torch.load(state, map_location=self.accelerator.device))
 
     return PPOTrainer
+
+
+def _sequences_and_completion_mask(batch):
+    """(prompt+completion ids, their attention mask, completion length, loss mask over the completion)."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attn = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    mask = batch["completion_mask"].float()
+    if "tool_mask" in batch:
+        mask = mask * batch["tool_mask"].float()
+    return ids, attn, batch["completion_ids"].size(1), mask

@@ -27,7 +27,7 @@ from medsft.train import faults  # TEST-ONLY fault injection hooks, inert unless
 from medsft.train.batches import optimizer_step_groups, rank_micro_batches
 from medsft.train.attention import real_tokens, segment_lengths
 from medsft.train.kernels import forward_loss_sums
-from medsft.train.metrics import MetricWindow, MetricsFile, plot_curves, token_loss_sums
+from medsft.train.metrics import MetricWindow, MetricsFile, plot_curves
 from medsft.train.optim import StepPlan, build_optimizer, build_scheduler
 
 log = logging.getLogger("medsft.train")
