@@ -43,6 +43,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     cache_dir: Optional[str] = None  # default ~/.cache/medsft/models
     tiny: TinyModelShape = field(default_factory=TinyModelShape)
+    # Chunked cross-entropy from the final hidden states: no [tokens, vocab] logits (less memory everywhere,
+    # ~1.25x faster steps for SmolLM2's 49k vocabulary on CPU). Implied by use_liger_kernel.
+    chunked_loss: bool = False
     # Liger fused kernels (CUDA only; skipped with a message elsewhere).
     use_liger_kernel: bool = False
     compile: bool = False

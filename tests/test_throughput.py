@@ -136,6 +136,17 @@ def test_kernels_are_skipped_with_a_clear_message_on_cpu(tiny_model_dir, caplog)
     assert setup_kernels(model, _model_cfg(), torch.device("cpu"), zero3=True).chunked_loss is False
 
 
+def test_chunked_loss_alone_needs_no_liger(tiny_model_dir, caplog):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert setup_kernels(model, _model_cfg(), torch.device("cpu")).chunked_loss is False
+    with caplog.at_level(logging.INFO):
+        kernels = setup_kernels(model, _model_cfg(chunked_loss=True), torch.device("cpu"))
+    assert kernels.chunked_loss and not kernels.liger and not kernels.compiled
+    assert "Liger" not in caplog.text and "chunked linear cross-entropy" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------- FLOPs and MFU
 
 

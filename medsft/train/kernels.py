@@ -10,6 +10,7 @@
   above (it also reports token accuracy, which Liger's fused loss does not). Elsewhere the layer kernels are
   skipped with a message and the chunked cross-entropy is still used, so the flag always means "no full
   logits".
+* `model.chunked_loss=true`: the chunked cross-entropy alone, on any device (what Liger implies).
 * `model.compile=true`: `torch.compile` of each decoder layer in place (the module tree and state_dict keys
   are untouched, so checkpoints are unchanged), dynamic shapes for varying lengths.
 
@@ -141,11 +142,14 @@ def setup_kernels(model: torch.nn.Module, cfg: Any, device: torch.device, packin
     # Right-padded batches under causal sdpa need no padding mask (see attention.model_inputs): same loss and
     # gradients, and sdpa takes its causal kernel instead of a dense masked one (~2x faster attention on CPU).
     kernels.drop_causal_padding_mask = not packing
-    if getattr(model_cfg, "use_liger_kernel", False):
+    liger = bool(getattr(model_cfg, "use_liger_kernel", False))
+    if liger:
         kernels.liger = apply_liger(model, device)
+    if liger or getattr(model_cfg, "chunked_loss", False):
         reason = _chunked_loss_unsupported(model, zero3)
+        flag = "model.use_liger_kernel" if liger else "model.chunked_loss"
         if reason:
-            log.warning("model.use_liger_kernel: the chunked cross-entropy is skipped (%s); dense logits", reason)
+            log.warning("%s: the chunked cross-entropy is skipped (%s); dense logits", flag, reason)
         else:
             kernels.chunked_loss = True
             log.info("loss: chunked linear cross-entropy (%d tokens a chunk; no [T, vocab] logits)",
