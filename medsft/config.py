@@ -175,6 +175,9 @@ class GenerationCheckConfig:
     max_new_tokens: int = 384
     batch_size: int = 6
     show_chars: int = 700
+    # Greedy either way; > 1.0 divides the logits of tokens already in the prompt or answer (CTRL's penalty),
+    # which stops the verbatim loops a 135M model falls into under plain greedy decoding.
+    repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -283,6 +286,9 @@ def validate(cfg: DictConfig) -> None:
         problems.append("push_to_hub=true needs hf_repo_id=<user>/<repo>")
     if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 0:
         problems.append(f"deepspeed={cfg.deepspeed.name} is enabled but deepspeed.zero_stage is 0")
+    if cfg.generation_check.repetition_penalty <= 0:
+        problems.append(f"generation_check.repetition_penalty={cfg.generation_check.repetition_penalty} must be > 0 "
+                        "(1.0 = none)")
     if cfg.data.packing and cfg.data.group_by_length:
         problems.append("data.packing and data.group_by_length are alternatives: enable one")
     if problems:

@@ -43,6 +43,7 @@ def test_compose_presets_and_overrides():
         (["eval.batch_size=abc"], "batch_size"),  # wrong type
         (["eval.backend=foo"], "eval.backend='foo' is not one of"),
         (["eval.max_new_tokens=0"], "eval.max_new_tokens=0 must be >= 1"),
+        (["eval.repetition_penalty=0"], "eval.repetition_penalty=0.0 must be > 0"),
         (["eval=custom"], "missing required value(s): eval.path"),
         (["eval=nope"], "nope"),
     ],
@@ -75,7 +76,7 @@ def test_medsft_eval_tiny_subprocess(tmp_path, models_cache_dir, tiny_model_dir)
     cmd = [
         sys.executable, "-m", "medsft.cli", "eval", "model=tiny_random", f"model.cache_dir={models_cache_dir}",
         "eval=custom", f"eval.path={FIX / 'mini_mcq.json'}", "eval.limit=10", "eval.max_new_tokens=8",
-        "eval.progress=false", f"eval.output_dir={out}", "--compat-huatuo",
+        "eval.progress=false", f"eval.output_dir={out}", "eval.repetition_penalty=1.2", "--compat-huatuo",
     ]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
@@ -89,6 +90,7 @@ def test_medsft_eval_tiny_subprocess(tmp_path, models_cache_dir, tiny_model_dir)
     assert bench["n"] == 10 and bench["mean_output_tokens"] <= 8
     assert set(bench["compat_huatuo"]) >= {"accuracy", "head", "tail", "n_dropped_empty", "label"}
     assert "HuatuoGPT-compat (optimistic)" in md and "| mini_mcq | 10 |" in md
+    assert summary["generation"]["repetition_penalty"] == 1.2 and "greedy, repetition penalty 1.2" in md
     assert "| mini_mcq | 10 |" in proc.stdout  # the table is printed too
     print(f"tiny eval (10 questions, subprocess): {seconds:.1f} s")
 

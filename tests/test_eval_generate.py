@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from medsft.eval.benchmarks import load_huatuo_format
-from medsft.eval.generate import generate_batch, generate_responses, stop_token_ids, summarize_generations, unwrap_model
+from medsft.eval.generate import (
+    encode_prompts, generate_batch, generate_responses, stop_token_ids, summarize_generations, unwrap_model,
+)
 from medsft.eval.runner import evaluate_benchmark
 from pathlib import Path
 
@@ -59,6 +61,23 @@ def test_generate_wrapped_model_and_details(tiny):
     assert tok.convert_tokens_to_ids("<|eot_id|>") in stops  # the end-of-turn token training teaches
     s = summarize_generations(res.texts, tok)
     assert s["n"] == 2 and s["format_compliance"] == 0.0 and "mean_tokens" in s
+
+
+def test_repetition_penalty_reaches_generate(tiny):
+    from transformers import GenerationConfig
+
+    model, tok = tiny
+    plain = generate_batch(model, tok, QUESTIONS, max_new_tokens=24, batch_size=3, progress=False)
+    penalized = generate_batch(model, tok, QUESTIONS, 24, 3, progress=False, repetition_penalty=5.0)
+    assert penalized.texts != plain.texts  # the penalty is applied, not dropped on the way
+    # ... and it is HF's: the same as generate() with that penalty, one question at a time.
+    stops = stop_token_ids(tok, model)
+    prompt = torch.tensor([encode_prompts(tok, QUESTIONS[:1])[0]])
+    ref = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=GenerationConfig(
+        max_new_tokens=24, do_sample=False, eos_token_id=stops, pad_token_id=stops[0], repetition_penalty=5.0))
+    new = ref[0, prompt.shape[1]:].tolist()
+    new = new[: next((k for k, t in enumerate(new) if t in stops), len(new))]
+    assert penalized.texts[0] == tok.decode(new, skip_special_tokens=True)
 
 
 def test_sampling_path_runs(tiny):

@@ -42,6 +42,7 @@ class EvalConfig:
     do_sample: bool = False
     temperature: float = 0.6
     top_p: float = 0.9
+    repetition_penalty: float = 1.0  # 1.0 = none; > 1 discourages verbatim loops (small models, greedy)
     seed: int = 42
     backend: str = "transformers"  # transformers | vllm (optional extra, GPU)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
@@ -96,6 +97,8 @@ def validate_eval(cfg: DictConfig | Any) -> None:
             problems.append(f"eval.temperature={e.temperature} must be > 0 with eval.do_sample=true")
         if not 0 < e.top_p <= 1:
             problems.append(f"eval.top_p={e.top_p} must be in (0, 1]")
+    if e.repetition_penalty is None or e.repetition_penalty <= 0:
+        problems.append(f"eval.repetition_penalty={e.repetition_penalty!r} must be > 0 (1.0 = none)")
     if not e.path:
         problems.append("eval.path must name the benchmark file or folder")
     if e.prompt_template and "{question}" not in e.prompt_template:

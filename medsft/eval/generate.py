@@ -3,7 +3,8 @@
 * Prompts go through `medsft.data.render.prompt_ids`: the very chat rendering training uses, so there is no
   train/eval template mismatch.
 * transformers backend (default): batches of prompts LEFT-padded by hand (sorted by length to waste little
-  padding), greedy unless do_sample, stopping at eos or the end-of-turn token the model was trained to emit.
+  padding), greedy unless do_sample, stopping at eos or the end-of-turn token the model was trained to emit;
+  an optional repetition penalty (CTRL's: logits of tokens already seen divided by it) applies to both modes.
   Works on CPU, on a bare model or one wrapped by DDP/DeepSpeed/accelerate/torch.compile (unwrapped here),
   and leaves the model's train/eval mode and the tokenizer's padding_side as they were.
 * vLLM backend (optional, GPU): `generate_vllm`, only when the `vllm` package is installed.
@@ -108,6 +109,7 @@ def generate_batch(
     progress: bool = True,
     seed: Optional[int] = None,
     desc: str = "generate",
+    repetition_penalty: float = 1.0,
 ) -> GenerationResult:
     """Generate one answer per question with the transformers backend; see the module doc."""
     if max_new_tokens < 1 or batch_size < 1:
@@ -125,6 +127,7 @@ def generate_batch(
         pad_token_id=pad_id,
         use_cache=True,
         **({"temperature": float(temperature), "top_p": float(top_p)} if do_sample else {}),
+        **({"repetition_penalty": float(repetition_penalty)} if repetition_penalty != 1.0 else {}),
     )
     device = next(bare.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: OOM shows early
@@ -191,11 +194,12 @@ def generate_responses(
     temperature: float = 0.6,
     top_p: float = 0.9,
     progress: bool = True,
+    repetition_penalty: float = 1.0,
 ) -> list[str]:
     """Decoded new text (special tokens skipped) for each question, in order; see `generate_batch`."""
     return generate_batch(
         model, tokenizer, questions, max_new_tokens, batch_size, system_prompt, do_sample, temperature, top_p,
-        progress,
+        progress, repetition_penalty=repetition_penalty,
     ).texts
 
 
@@ -240,6 +244,7 @@ def generate_vllm(
     tensor_parallel_size: int = 1,
     gpu_memory_utilization: float = 0.9,
     max_model_len: Optional[int] = None,
+    repetition_penalty: float = 1.0,
 ) -> GenerationResult:
     """Generate with vLLM from the same prompt token ids as the transformers backend (GPU; optional extra)."""
     if not vllm_available():
@@ -269,6 +274,7 @@ def generate_vllm(
         stop_token_ids=stops,
         skip_special_tokens=True,
         seed=seed if do_sample else None,
+        repetition_penalty=float(repetition_penalty),
     )
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)

@@ -23,6 +23,13 @@ def _skipped(s: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in s.items() if v) or "-"
 
 
+def decoding_label(gen: dict) -> str:
+    """'greedy' / 'sampling (T=.., top_p=..)', plus the repetition penalty when there is one."""
+    label = f"sampling (T={gen.get('temperature')}, top_p={gen.get('top_p')})" if gen.get("do_sample") else "greedy"
+    penalty = gen.get("repetition_penalty", 1.0)
+    return label if penalty in (None, 1.0) else f"{label}, repetition penalty {penalty}"
+
+
 def render_markdown(summary: dict) -> str:
     """A human-readable table of summary.json."""
     lines = [f"# medsft eval: {summary.get('model', {}).get('label', '?')}", ""]
@@ -30,7 +37,7 @@ def render_markdown(summary: dict) -> str:
     gen = summary.get("generation", {})
     lines.append(
         f"model `{model.get('path')}` · backend {gen.get('backend')} · "
-        f"{'sampling (T=%s, top_p=%s)' % (gen.get('temperature'), gen.get('top_p')) if gen.get('do_sample') else 'greedy'}"
+        f"{decoding_label(gen)}"
         f" · max_new_tokens {gen.get('max_new_tokens')} · {summary.get('created', '')}"
     )
     lines += [

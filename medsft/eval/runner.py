@@ -56,6 +56,7 @@ def generate_for_items(model: Any, tokenizer: Any, items: Sequence[EvalItem], cf
         progress=bool(_get(cfg, "progress", False)),
         seed=_get(cfg, "seed", None),
         desc=desc,
+        repetition_penalty=float(_get(cfg, "repetition_penalty", 1.0)),
     )
 
 
@@ -190,6 +191,7 @@ def run_evaluation(cfg: DictConfig, out_dir: Optional[str | Path] = None) -> Pat
             gen = generate_vllm(
                 model_dir, tokenizer, item_prompts(bench.items, e), e.max_new_tokens, e.system_prompt, e.do_sample,
                 e.temperature, e.top_p, e.seed, dtype=str(cfg.model.dtype), **OmegaConf.to_container(e.vllm),
+                repetition_penalty=e.repetition_penalty,
             )
         else:
             gen = generate_for_items(model, tokenizer, bench.items, e, desc=bench.name)
@@ -221,6 +223,7 @@ def run_evaluation(cfg: DictConfig, out_dir: Optional[str | Path] = None) -> Pat
         "generation": {
             "backend": e.backend, "do_sample": e.do_sample, "temperature": e.temperature, "top_p": e.top_p,
             "max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size, "seed": e.seed,
+            "repetition_penalty": e.repetition_penalty,
         },  # fmt: skip
         "eval": OmegaConf.to_container(e, resolve=True),
         "benchmarks": per_bench,

@@ -38,6 +38,7 @@ def run_generation_check(ctx, when: str) -> dict | None:
             batch_size=cfg.generation_check.batch_size,
             system_prompt=cfg.data.system_prompt,
             progress=cfg.logging.progress_bar,
+            repetition_penalty=cfg.generation_check.repetition_penalty,
         )
         if was_training:
             model.train()
@@ -50,12 +51,14 @@ def run_generation_check(ctx, when: str) -> dict | None:
                                          "compliant": check_format(text).compliant}, ensure_ascii=False) + "\n")
         figures = {"kind": "generation", "when": when, "step": ctx.state.global_step,
                    "format_compliance": result["format_compliance"], "mean_answer_chars": result["mean_chars"],
-                   "n_questions": result["n"]}
+                   "n_questions": result["n"], "n_compliant": round(result["format_compliance"] * result["n"]),
+                   "repetition_penalty": cfg.generation_check.repetition_penalty}
         ctx.metrics.write(figures)
         ctx.tracker.log({f"gen/{when}/format_compliance": result["format_compliance"],
                          f"gen/{when}/mean_answer_chars": result["mean_chars"]}, step=ctx.state.global_step)
-        log.info("%s training: format compliance %.0f%% on %d held-out questions, mean answer %d chars",
-                 when, 100 * result["format_compliance"], result["n"], result["mean_chars"])
+        log.info("%s training: format compliance %.0f%% (%d/%d held-out questions, %s), mean answer %d chars",
+                 when, 100 * result["format_compliance"], round(result["format_compliance"] * result["n"]),
+                 result["n"], decoding(cfg.generation_check), result["mean_chars"])
         if when == "before":
             ctx.generation_before = result
         else:
@@ -67,13 +70,20 @@ def run_generation_check(ctx, when: str) -> dict | None:
     return result
 
 
+def decoding(gen_cfg) -> str:
+    penalty = gen_cfg.repetition_penalty
+    return "greedy" if penalty == 1.0 else f"greedy, repetition penalty {penalty}"
+
+
 def side_by_side(question: str, before: str, after: str, max_chars: int) -> str:
     """Two columns (base model | fine-tuned), each answer cut to max_chars."""
     width = max(80, min(shutil.get_terminal_size((120, 20)).columns, 160))
     column = (width - 3) // 2
 
     def cut(text: str) -> str:
-        text = text.strip() or "(empty answer)"
+        text = text.strip()
+        if not text:
+            return "(empty answer)"
         return text if len(text) <= max_chars else text[:max_chars].rstrip() + " [...]"
 
     def wrap(text: str) -> list[str]:
