@@ -184,23 +184,11 @@ def generate_batch(
 
 
 def generate_responses(
-    model: Any,
-    tokenizer: Any,
-    questions: list[str],
-    max_new_tokens: int,
-    batch_size: int = 8,
-    system_prompt: Optional[str] = None,
-    do_sample: bool = False,
-    temperature: float = 0.6,
-    top_p: float = 0.9,
-    progress: bool = True,
-    repetition_penalty: float = 1.0,
+    model: Any, tokenizer: Any, questions: list[str], max_new_tokens: int, batch_size: int = 8, **options: Any
 ) -> list[str]:
-    """Decoded new text (special tokens skipped) for each question, in order; see `generate_batch`."""
-    return generate_batch(
-        model, tokenizer, questions, max_new_tokens, batch_size, system_prompt, do_sample, temperature, top_p,
-        progress, repetition_penalty=repetition_penalty,
-    ).texts
+    """Decoded new text (special tokens skipped) for each question, in order; `options` are `generate_batch`'s
+    (system_prompt, do_sample, temperature, top_p, progress, repetition_penalty, ...)."""
+    return generate_batch(model, tokenizer, questions, max_new_tokens, batch_size, **options).texts
 
 
 def summarize_generations(texts: list[str], tokenizer: Any = None) -> dict:

@@ -21,6 +21,7 @@ def run_generation_check(ctx, when: str) -> dict | None:
     """Greedy answers to the first held-out questions, on the main process; every process waits."""
     from medsft.eval.format import check_format
     from medsft.eval.generate import generate_responses, summarize_generations
+    from medsft.eval.report import decoding_label
 
     accelerator, cfg = ctx.accelerator, ctx.cfg
     if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
@@ -58,7 +59,8 @@ def run_generation_check(ctx, when: str) -> dict | None:
                          f"gen/{when}/mean_answer_chars": result["mean_chars"]}, step=ctx.state.global_step)
         log.info("%s training: format compliance %.0f%% (%d/%d held-out questions, %s), mean answer %d chars",
                  when, 100 * result["format_compliance"], round(result["format_compliance"] * result["n"]),
-                 result["n"], decoding(cfg.generation_check), result["mean_chars"])
+                 result["n"], decoding_label({"repetition_penalty": cfg.generation_check.repetition_penalty}),
+                 result["mean_chars"])
         if when == "before":
             ctx.generation_before = result
         else:
@@ -68,11 +70,6 @@ def run_generation_check(ctx, when: str) -> dict | None:
                       flush=True)
     accelerator.wait_for_everyone()
     return result
-
-
-def decoding(gen_cfg) -> str:
-    penalty = gen_cfg.repetition_penalty
-    return "greedy" if penalty == 1.0 else f"greedy, repetition penalty {penalty}"
 
 
 def side_by_side(question: str, before: str, after: str, max_chars: int) -> str:
