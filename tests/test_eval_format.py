@@ -55,8 +55,8 @@ def test_spanish_answer_and_rate():
 
 def test_summarize_generations():
     s = summarize_generations([GOOD, "plain answer"])
-    assert s["n"] == 2 and s["format_compliance"] == 0.5
+    assert s["n"] == 2 and s["n_compliant"] == 1 and s["format_compliance"] == 0.5
     assert s["has_thinking"] == 0.5 and s["has_final"] == 0.5
     assert s["mean_chars"] == (len(GOOD) + len("plain answer")) / 2
     assert "mean_tokens" not in s
-    assert summarize_generations([])["n"] == 0
+    assert summarize_generations([])["n"] == 0 and summarize_generations([])["n_compliant"] == 0

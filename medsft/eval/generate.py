@@ -192,12 +192,13 @@ def generate_responses(
 
 
 def summarize_generations(texts: list[str], tokenizer: Any = None) -> dict:
-    """n, format_compliance (rate), has_thinking / has_final (rates), mean_chars, and mean_tokens when a
-    tokenizer is given (answers re-tokenized without special tokens)."""
+    """n, n_compliant, format_compliance (rate), has_thinking / has_final (rates), mean_chars, and mean_tokens
+    when a tokenizer is given (answers re-tokenized without special tokens)."""
     n = len(texts)
     checks = [check_format(t) for t in texts]
     out = {
         "n": n,
+        "n_compliant": sum(c.compliant for c in checks),
         "format_compliance": sum(c.compliant for c in checks) / n if n else 0.0,
         "has_thinking": sum(c.has_thinking for c in checks) / n if n else 0.0,
         "has_final": sum(c.has_final for c in checks) / n if n else 0.0,

@@ -44,22 +44,22 @@ def run_generation_check(ctx, when: str) -> dict | None:
         if was_training:
             model.train()
         summary = summarize_generations(texts)
-        result = {"format_compliance": summary["format_compliance"], "mean_chars": summary["mean_chars"],
-                  "n": summary["n"], "texts": texts}
+        result = {"format_compliance": summary["format_compliance"], "n_compliant": summary["n_compliant"],
+                  "mean_chars": summary["mean_chars"], "n": summary["n"], "texts": texts}
         with (ctx.run_dir / f"generations_{when}.jsonl").open("w", encoding="utf-8") as handle:
             for record, text in zip(records, texts):
                 handle.write(json.dumps({"index": record.index, "question": record.question, "answer": text,
                                          "compliant": check_format(text).compliant}, ensure_ascii=False) + "\n")
         figures = {"kind": "generation", "when": when, "step": ctx.state.global_step,
                    "format_compliance": result["format_compliance"], "mean_answer_chars": result["mean_chars"],
-                   "n_questions": result["n"], "n_compliant": round(result["format_compliance"] * result["n"]),
+                   "n_questions": result["n"], "n_compliant": result["n_compliant"],
                    "repetition_penalty": cfg.generation_check.repetition_penalty}
         ctx.metrics.write(figures)
         ctx.tracker.log({f"gen/{when}/format_compliance": result["format_compliance"],
                          f"gen/{when}/mean_answer_chars": result["mean_chars"]}, step=ctx.state.global_step)
         log.info("%s training: format compliance %.0f%% (%d/%d held-out questions, %s), mean answer %d chars",
-                 when, 100 * result["format_compliance"], round(result["format_compliance"] * result["n"]),
-                 result["n"], decoding_label({"repetition_penalty": cfg.generation_check.repetition_penalty}),
+                 when, 100 * result["format_compliance"], result["n_compliant"], result["n"],
+                 decoding_label({"repetition_penalty": cfg.generation_check.repetition_penalty}),
                  result["mean_chars"])
         if when == "before":
             ctx.generation_before = result
