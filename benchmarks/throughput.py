@@ -23,7 +23,7 @@ between rounds), so load from other processes hits all of them alike. Each mode'
 round (load only ever slows a run down), with the median and every round's figure beside it; ratios are of
 best rounds, with the per-round ratios shown too. tokens/s counts real tokens only (the examples' tokens, never padding). Peak memory: on CUDA
 torch.cuda.max_memory_allocated; on CPU the peak RSS above the RSS before the model was loaded, sampled every
-5 ms (malloc_trim between runs). MFU on CUDA only (medsft.train.flops).
+5 ms (malloc_trim between runs). MFU on CUDA only (medsft.compute.flops).
 
 Data preparation: validate + tokenize --prep-records records (the mixed records repeated with a distinct case
 number): medsft's build_sft_data without cache against TRL's dataset preparation (SFTTrainer construction on
@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -61,6 +62,16 @@ BASE_MODES = ("medsft_padded", "medsft_grouped", "medsft_packed", "trl_padded", 
 EXTRA_MODES = ("medsft_packed_cce", "trl_grouped")
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def data_node(path: Path, max_seq_len: int):
+    """The `data` config node of conf/ (its defaults) for `path`, cut at max_seq_len."""
+    from medsft.config import compose
+
+    node = compose(["~experiment"]).data
+    node.path, node.max_seq_len = str(path), int(max_seq_len)
+    return node
+
 
 # (hidden, intermediate, layers, heads, kv heads, model vocab, tokenizer vocab)
 SHAPES = {
@@ -99,7 +110,7 @@ def build_model(out_dir: Path, shape_name: str, records: list[dict]) -> str:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from medsft.data.templates import FINAL_RESPONSE_HEADER, LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS, THINKING_HEADER
-    from medsft.models import _tiny_special_tokens
+    from medsft.models.tiny import tiny_special_tokens
 
     hidden, inter, layers, heads, kv, vocab, tok_vocab = SHAPES[shape_name]
     marker = out_dir / "bench-model.json"
@@ -108,7 +119,7 @@ def build_model(out_dir: Path, shape_name: str, records: list[dict]) -> str:
         return str(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     texts = [t for r in records for t in r.values()] + [THINKING_HEADER, FINAL_RESPONSE_HEADER]
-    specials = _tiny_special_tokens()
+    specials = tiny_special_tokens()
     bos = LLAMA3_SPECIAL_TOKENS["bos_token"]
     tok = Tokenizer(models.BPE())
     # Llama-3's split (newline runs are one piece) keeps the chat prompt a token prefix of the conversation.
@@ -260,7 +271,6 @@ class Bench:
     def medsft(self, mode: str, rnd: int, warmup_only: bool = False) -> Optional[Result]:
         from train_utils import compose_cfg, reset_accelerate
 
-        from medsft.train.batches import optimizer_step_groups
         from medsft.train.loop import _cleanup, optimizer_step, setup
         from medsft.train.metrics import MetricWindow
 
@@ -272,8 +282,7 @@ class Bench:
                 if self.examples is None:
                     self.examples = list(ctx.data.train)
                 ctx.model.train()
-                groups = optimizer_step_groups(
-                    ctx.order.micro_batches(ctx.plan, cfg.seed, 0, 0, cfg.data.shuffle), ctx.plan.accum)
+                groups = ctx.order.step_groups(ctx.plan, 0, 0)
                 if warmup_only:
                     optimizer_step(ctx, groups[0], MetricWindow())
                     return None
@@ -281,8 +290,7 @@ class Bench:
                 seconds, tokens, padded, steps = 0.0, 0, 0, 0
                 for epoch in range(ctx.plan.epochs):
                     if epoch:
-                        groups = optimizer_step_groups(
-                            ctx.order.micro_batches(ctx.plan, cfg.seed, epoch, 0, cfg.data.shuffle), ctx.plan.accum)
+                        groups = ctx.order.step_groups(ctx.plan, epoch, 0)
                     for group in groups:
                         self._sync()
                         t0 = time.perf_counter()
@@ -376,7 +384,7 @@ class Bench:
         seconds = times["end"] - times["start"]
         mfu = None
         if self.cuda:
-            from medsft.train.flops import ModelFlops, peak_flops
+            from medsft.compute.flops import ModelFlops, peak_flops
 
             if self.model_flops is None:
                 with torch.device("meta"):
@@ -404,7 +412,7 @@ def packed_equivalence(model_dir: str, examples: list[dict], device: str, n: int
     from transformers import AutoModelForCausalLM
 
     from medsft.data.packing import PackedCollator
-    from medsft.train import attention
+    from medsft.compute import attention
 
     attention.register()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
@@ -453,8 +461,7 @@ def bench_data_prep(args, work: Path, model_dir: str, records: list[dict]) -> li
 
     def medsft_prep():
         t0 = time.perf_counter()
-        data = build_sft_data({"path": str(path), "max_seq_len": args.seq}, tokenizer, seed=0, use_cache=False,
-                              progress=False)
+        data = build_sft_data(data_node(path, args.seq), tokenizer, seed=0, use_cache=False, progress=False)
         return time.perf_counter() - t0, len(data.train)
 
     def trl_dataset(rows):
@@ -634,7 +641,7 @@ def print_table(rows: list[dict], prep: list[dict], header: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("medsft.train.attention", "medsft.train.kernels"):
+    for name in ("medsft.compute.attention", "medsft.compute.kernels"):
         logging.getLogger(name).setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -685,8 +692,8 @@ def main(argv=None) -> int:
         from medsft.data.dataset import build_sft_data
         from transformers import AutoTokenizer
 
-        check_examples = build_sft_data({"path": str(data_path), "max_seq_len": args.seq},
-                                        AutoTokenizer.from_pretrained(model_dir), seed=0, use_cache=False).train
+        check_examples = build_sft_data(data_node(data_path, args.seq), AutoTokenizer.from_pretrained(model_dir),
+                                        seed=0, use_cache=False).train
         print(json.dumps(packed_equivalence(model_dir, check_examples, "cuda")), flush=True)
     lines: list[dict] = []
     # One warm-up step of each framework (first kernels, allocator growth), not timed.

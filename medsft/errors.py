@@ -1,4 +1,7 @@
-"""Errors a user can fix. The launcher prints their message (no traceback) and exits non-zero."""
+"""Errors a user can fix. The launcher prints their message (no traceback) and exits with their code.
+
+Every stage raises these; none of them imports anything, so any module of medsft may use them.
+"""
 
 
 class MedsftError(Exception):
@@ -23,3 +26,9 @@ class ModelSourceError(MedsftError):
     """A model path that cannot be resolved or loaded."""
 
     exit_code = 4
+
+
+class TrainingDiverged(MedsftError):
+    """Too many non-finite steps in a row (or a non-finite step applied); the last good checkpoint is kept."""
+
+    exit_code = 5

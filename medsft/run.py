@@ -1,23 +1,23 @@
-"""From a composed config to a finished stage: validate, pick the stage, report user errors cleanly."""
+"""From a composed config to a finished stage: validate, relaunch as a distributed job when asked, pick the stage,
+report user errors cleanly."""
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Optional
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from medsft.config import validate
 from medsft.errors import ConfigError, MedsftError
+from medsft.runtime.relaunch import maybe_relaunch, record_exit
 from medsft.sweep import register_resolvers as register_sweep_resolvers
-
-log = logging.getLogger("medsft")
+from medsft.sweep.job import is_multirun, run_job
+from medsft.train.loop import train
 
 register_sweep_resolvers()  # conf/config.yaml's hydra.sweep.subdir uses ${medsft_dirname:...}
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _check_required(cfg: DictConfig) -> None:
@@ -29,8 +29,6 @@ def _check_required(cfg: DictConfig) -> None:
 
 def _run_dir() -> Path:
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # not under Hydra
         return Path.cwd()
@@ -41,17 +39,13 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     _check_required(cfg)
     validate(cfg)
     run_dir = Path(run_dir) if run_dir is not None else _run_dir()
-    from medsft.launcher import maybe_relaunch  # launcher.num_processes > 1: re-invoked via accelerate launch
-
-    relaunched, objective = maybe_relaunch(cfg, run_dir)
+    relaunched, objective = maybe_relaunch(cfg, run_dir)  # launcher.num_processes > 1: via accelerate launch
     if relaunched:
         return objective
     if cfg.stage == "sft":
-        from medsft.train.loop import train
-
         return train(cfg, run_dir)
     if cfg.stage == "rl":
-        from medsft.rl.trainer import train_rl
+        from medsft.rl.trainer import train_rl  # the optional extra `rl` (trl)
 
         return train_rl(cfg, run_dir)
     raise ConfigError(f"stage={cfg.stage!r} is not available in this version (available: sft, rl)")
@@ -59,29 +53,11 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
 
 def run_from_hydra(cfg: DictConfig) -> Optional[float]:
     """Hydra task function body: user errors print one clear message and exit non-zero, no traceback."""
-    from medsft.sweep.job import is_multirun
-
     if is_multirun():  # per-job checkpoints, final.json, failures recorded (sweep.continue_on_failure)
-        from medsft.sweep.job import run_job
-
         return run_job(cfg, lambda job_cfg, job_dir: run(job_cfg, job_dir))
     try:
         return run(cfg)
     except MedsftError as err:
         print(f"medsft: error: {err}", file=sys.stderr, flush=True)
-        from medsft.launcher import record_exit  # a distributed child tells its parent the real exit code
-
-        record_exit(err.exit_code)
+        record_exit(err.exit_code)  # a distributed child tells its parent the real exit code
         sys.exit(err.exit_code)
-
-
-def cli_main(argv: list[str]) -> int:
-    """`medsft train [overrides]`: the same as `python launch.py [overrides]`."""
-    import hydra
-
-    from medsft.config import register_configs
-
-    register_configs()
-    sys.argv = ["medsft train", *argv]
-    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(run_from_hydra)()
-    return 0

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from huggingface_hub import HfApi
+
 log = logging.getLogger(__name__)
 
 _SECRET_KEY = re.compile(r"(token|secret|password|api_key|apikey)", re.IGNORECASE)
@@ -44,7 +46,7 @@ class Tracker:
         if self.backend != "wandb" or cfg.logging.wandb_mode == "disabled":
             self.backend = "none"
             return
-        import wandb
+        import wandb  # only for runs that log to wandb (its import takes ~1 s)
 
         wandb_dir = Path(cfg.log_dir).resolve() / cfg.experiment_name
         wandb_dir.mkdir(parents=True, exist_ok=True)
@@ -84,8 +86,6 @@ class HubPusher:
 
     def __init__(self, repo_id: str, private: bool = True, api=None, retries: int = 3, backoff_s: float = 2.0):
         if api is None:
-            from huggingface_hub import HfApi
-
             api = HfApi()
         self.api = api
         self.repo_id = repo_id

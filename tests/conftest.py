@@ -6,6 +6,7 @@ your own copy when a test needs to change one.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -20,6 +21,52 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest  # noqa: E402
 
+from omegaconf import OmegaConf  # noqa: E402
+
+from medsft.config import compose  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+@pytest.fixture(scope="session")
+def compose_config():
+    """Compose conf/ exactly as a run does (medsft.config.compose): `compose_config("model=tiny_random", ...)`,
+    `compose_config("eval=headqa_es", config_name="evaluate")`. Each call returns a fresh DictConfig."""
+    def make(*overrides: str, config_name: str = "config"):
+        return compose(overrides, config_name=config_name)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def data_config(compose_config):
+    """A fresh `data` node with conf/'s defaults (no experiment preset), keys set from keyword arguments:
+    `data_config(path=..., max_seq_len=512)`; `preset="huatuo_en"` starts from that conf/data preset."""
+    composed: dict = {}
+
+    def make(preset: str | None = None, **values):
+        if preset not in composed:
+            composed[preset] = compose_config("~experiment", *([f"data={preset}"] if preset else [])).data
+        node = copy.deepcopy(composed[preset])
+        for key, value in values.items():
+            setattr(node, key, value)
+        return node
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def rl_data_config(compose_config):
+    """A fresh `rl.data` node with conf/rl/data/'s defaults, merged with the keyword arguments (nested dicts
+    allowed): `rl_data_config(kind="mcq", fields={"question": "Q"})`."""
+    base = compose_config("stage=rl", "rl=grpo").rl.data
+
+    def make(**values):
+        return OmegaConf.merge(base, values)
+
+    return make
+
+
 # ------------------------------------------------------------------------------------------------- models
 
 
@@ -30,11 +77,17 @@ def models_cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(models_cache_dir) -> str:
+def tiny_shape(compose_config):
+    """`model.tiny` of conf/ (the shape of the default tiny-random model)."""
+    return compose_config("model=tiny_random").model.tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(models_cache_dir, tiny_shape) -> str:
     """Local directory of the default `tiny-random:llama` model (built once per session, ~1 s)."""
     from medsft.models import TINY_RANDOM, resolve_model_dir
 
-    return resolve_model_dir(TINY_RANDOM, cache_dir=models_cache_dir)
+    return resolve_model_dir(TINY_RANDOM, cache_dir=models_cache_dir, tiny=tiny_shape)
 
 
 @pytest.fixture(scope="session")
@@ -46,15 +99,10 @@ def tiny_tokenizer(tiny_model_dir):
 
 
 @pytest.fixture
-def tiny_model_cfg(models_cache_dir, tiny_model_dir):
-    """A fresh `model` config node (the typed ModelConfig) for tiny-random:llama in the session cache, fp32."""
-    from omegaconf import OmegaConf
-
-    from medsft.config import ModelConfig
-    from medsft.models import TINY_RANDOM
-
-    cfg = OmegaConf.structured(ModelConfig)
-    cfg.name, cfg.path, cfg.dtype, cfg.cache_dir = "tiny_random", TINY_RANDOM, "float32", str(models_cache_dir)
+def tiny_model_cfg(compose_config, models_cache_dir, tiny_model_dir):
+    """A fresh `model` config node (conf/model/tiny_random.yaml) for tiny-random:llama in the session cache, fp32."""
+    cfg = compose_config("~experiment", "model=tiny_random").model
+    cfg.cache_dir = str(models_cache_dir)
     return cfg
 
 

@@ -17,7 +17,8 @@ import torch
 
 from medsft.errors import ConfigError
 from medsft.train import checkpoint as ckpt
-from medsft.train import faults, resume
+from medsft.testing import faults
+from medsft.train import resume
 from train_utils import compose_cfg, reset_accelerate, tiny_overrides
 
 
@@ -181,8 +182,8 @@ def test_resume_choice_auto_never_overwrite_and_explicit_paths(tmp_path):
     assert resume._to_delete(_resume_cfg(str(old), overwrite=True), root, old.resolve()) == [new]
 
 
-def test_config_differences_name_the_keys_that_change_the_computation(tmp_path):
-    saved = compose_cfg(tiny_overrides(tmp_path))
+def test_config_differences_name_the_keys_that_change_the_computation(compose_config, tmp_path):
+    saved = compose_config(*tiny_overrides(tmp_path))
     path = tmp_path / "ck"
     path.mkdir()
     from omegaconf import OmegaConf
@@ -190,10 +191,10 @@ def test_config_differences_name_the_keys_that_change_the_computation(tmp_path):
     OmegaConf.save(saved, path / ckpt.CONFIG_FILE, resolve=True)
     fingerprint = {"data_hash": "aaa", "train_bsz_per_gpu": 4, "world_size": 1}
     # Where things go, how they are logged/checkpointed and the data file's path do not matter.
-    same = compose_cfg(tiny_overrides(tmp_path / "elsewhere", "checkpoint.every_n_steps=7", "logging.every_n_steps=5",
+    same = compose_config(*tiny_overrides(tmp_path / "elsewhere", "checkpoint.every_n_steps=7", "logging.every_n_steps=5",
                                       "resume.allow_config_change=true", "train.max_consecutive_skips=3"))
     assert resume.exactness_differences(path, {"fingerprint": fingerprint}, fingerprint, same) == []
-    changed = compose_cfg(tiny_overrides(tmp_path, "train.train_bsz_per_gpu=2", "optimizer.learning_rate=1e-3"))
+    changed = compose_config(*tiny_overrides(tmp_path, "train.train_bsz_per_gpu=2", "optimizer.learning_rate=1e-3"))
     diffs = resume.exactness_differences(path, {"fingerprint": fingerprint},
                                          {**fingerprint, "data_hash": "bbb", "train_bsz_per_gpu": 2}, changed)
     keys = [d.split(":")[0] for d in diffs]

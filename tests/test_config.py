@@ -5,45 +5,39 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from medsft.config import register_configs, validate
+from medsft.config import validate
 from medsft.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-register_configs()
 
 GROUPS = ["model", "data", "optimizer", "deepspeed", "launcher", "logging", "experiment"]
 
 
-def compose_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
 def group_options(group):
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    """The presets of a group (base.yaml holds the group's defaults that every preset extends)."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if p.stem != "base")
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
-def test_every_group_option_composes_and_validates(group, option):
-    cfg = compose_cfg(f"{group}={option}", "data.path=data/demo_data.json")
+def test_every_group_option_composes_and_validates(compose_config, group, option):
+    cfg = compose_config(f"{group}={option}", "data.path=data/demo_data.json")
     validate(cfg)
     if group not in ("experiment",):
         assert cfg[group].name == option
 
 
-def test_default_is_the_cpu_demo_on_the_embedded_model():
-    cfg = compose_cfg()
+def test_default_is_the_cpu_demo_on_the_embedded_model(compose_config):
+    cfg = compose_config()
     assert cfg.model.path == "embedded:smollm2-135m-instruct"
     assert cfg.data.path == "data/demo_data.json"
     assert cfg.generation_check.enabled
 
 
-def test_seed_defaults_survive_outside_the_demo_preset():
-    cfg = compose_cfg("experiment=local_test")
+def test_seed_defaults_survive_outside_the_demo_preset(compose_config):
+    cfg = compose_config("experiment=local_test")
     assert cfg.optimizer.learning_rate == 5e-6
     assert cfg.optimizer.warmup_rates == 0.05
     assert cfg.optimizer.weight_decay == 0.1
@@ -51,21 +45,21 @@ def test_seed_defaults_survive_outside_the_demo_preset():
     assert cfg.data.max_seq_len == 1024 and cfg.data.max_samples == 10
     assert cfg.train.train_bsz_per_gpu == 1 and cfg.train.n_epochs == 1
     assert cfg.checkpoint.max_ckpts == 2
-    prod = compose_cfg("experiment=medical_o1_spanish_8gpu", "data.path=x.json")
+    prod = compose_config("experiment=medical_o1_spanish_8gpu", "data.path=x.json")
     assert prod.data.max_seq_len == 8192 and prod.train.n_epochs == 3 and prod.train.train_bsz_per_gpu == 2
     assert prod.deepspeed.name == "zero3_8gpu" and prod.launcher.num_processes == 8
     assert prod.experiment_name == "medical_sft_spanish"
     assert prod.model.path == "meta-llama/Llama-3.1-8B-Instruct"
 
 
-def test_secrets_are_not_config_keys():
+def test_secrets_are_not_config_keys(compose_config):
     def keys(node, prefix=""):
         for key, value in node.items():
             yield f"{prefix}{key}"
             if isinstance(value, dict):
                 yield from keys(value, f"{prefix}{key}.")
 
-    names = list(keys(OmegaConf.to_container(compose_cfg())))
+    names = list(keys(OmegaConf.to_container(compose_config())))
     assert not [n for n in names if n.endswith("token") or "api_key" in n or "secret" in n]
 
 
@@ -79,9 +73,9 @@ def test_secrets_are_not_config_keys():
         ("data.response_template=no_placeholders", "data.response_template must contain {reasoning}"),
     ],
 )
-def test_cross_field_validation_names_the_key(override, expected):
+def test_cross_field_validation_names_the_key(compose_config, override, expected):
     with pytest.raises(ConfigError) as info:
-        validate(compose_cfg(override))
+        validate(compose_config(override))
     assert expected in str(info.value)
 
 

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_data_support import BROKEN, FIXTURES, REPO_ROOT, es_record, llama3_tokenizer, write_json  # noqa: E402
 
-from medsft.data.cli import cli_main, fields_for  # noqa: E402
+from medsft.cli.data import cli_main, fields_for  # noqa: E402
 
 
 def medsft_data(*args, cwd=REPO_ROOT):

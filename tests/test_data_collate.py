@@ -12,7 +12,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_data_support import chatml_tokenizer  # noqa: E402
 
-from medsft.config import DataConfig  # noqa: E402
 from medsft.data.collate import SFTCollator  # noqa: E402
 from medsft.data.records import Record  # noqa: E402
 from medsft.data.render import IGNORE_INDEX, render_example  # noqa: E402
@@ -28,13 +27,13 @@ def test_right_padding_and_masks():
     assert all(t.dtype == torch.long for t in batch.values())
 
 
-def test_pad_equal_to_eos_keeps_the_real_eos_label():
+def test_pad_equal_to_eos_keeps_the_real_eos_label(data_config):
     """SmolLM2-style tokenizer: pad == eos == <|im_end|>. The example's own <|im_end|> stays trained."""
     tok = chatml_tokenizer()
     assert tok.pad_token_id == tok.eos_token_id
     eot = tok.convert_tokens_to_ids("<|im_end|>")
-    short = render_example(tok, Record("¿Q?", "r", "a", None, 0, 1), DataConfig())
-    long = render_example(tok, Record("¿Una pregunta más larga?", "razonamiento " * 5, "b", None, 1, 2), DataConfig())
+    short = render_example(tok, Record("¿Q?", "r", "a", None, 0, 1), data_config())
+    long = render_example(tok, Record("¿Una pregunta más larga?", "razonamiento " * 5, "b", None, 1, 2), data_config())
     batch = SFTCollator(pad_token_id=tok.pad_token_id)([short, long])
     n = len(short["input_ids"])
     row_ids, row_labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()

@@ -22,7 +22,6 @@ from test_data_support import (  # noqa: E402
     write_json,
 )
 
-from medsft.config import DataConfig  # noqa: E402
 from medsft.data.dataset import SFTData, build_sft_data, cache_root, resolve_data_path  # noqa: E402
 from medsft.data.render import IGNORE_INDEX, prompt_ids  # noqa: E402
 from medsft.errors import DataError  # noqa: E402
@@ -34,10 +33,10 @@ def tok():
 
 
 @pytest.fixture
-def cfg(tmp_path):
+def cfg(tmp_path, data_config):
     def make(path, **kw):
         kw.setdefault("cache_dir", str(tmp_path / "cache"))
-        return DataConfig(path=str(path), **kw)
+        return data_config(path=str(path), **kw)
 
     return make
 
@@ -145,32 +144,28 @@ def test_cache_reused_identical_and_invalidated(tok, cfg, tmp_path):
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
-def test_cache_dir_default_respects_env(monkeypatch, tmp_path):
+def test_cache_dir_default_respects_env(data_config, monkeypatch, tmp_path):
     monkeypatch.setenv("MEDSFT_CACHE", str(tmp_path / "mc"))
-    assert cache_root(DataConfig()) == tmp_path / "mc" / "data"
-    assert cache_root(DataConfig(cache_dir=str(tmp_path / "x"))) == tmp_path / "x"
+    assert cache_root(data_config()) == tmp_path / "mc" / "data"
+    assert cache_root(data_config(cache_dir=str(tmp_path / "x"))) == tmp_path / "x"
     monkeypatch.delenv("MEDSFT_CACHE")
-    assert cache_root(DataConfig()) == Path.home() / ".cache" / "medsft" / "data"
+    assert cache_root(data_config()) == Path.home() / ".cache" / "medsft" / "data"
 
 
-def test_paths(tmp_path, monkeypatch):
+def test_paths(data_config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rel = "tests/fixtures/data/es_small.json"
     assert resolve_data_path(rel) == str(REPO_ROOT / rel)  # bundled paths work from any cwd
     with pytest.raises(DataError, match="data.path is not set"):
         resolve_data_path("???")
     with pytest.raises(DataError, match="no such file"):
-        build_sft_data(DataConfig(path="nope/missing.json"), llama3_tokenizer(), seed=0)
+        build_sft_data(data_config(path="nope/missing.json"), llama3_tokenizer(), seed=0)
 
 
-def test_english_preset_on_shared_file(cfg):
+def test_english_preset_on_shared_file(cfg, data_config):
     """data=huatuo_en trains HuatuoGPT-o1's English records unchanged (198 of them)."""
-    from omegaconf import OmegaConf
-
     path = shared_file("huatuo_o1/demo_data.json")
-    node = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(REPO_ROOT / "conf/data/huatuo_en.yaml"),
-                           {"path": str(path), "max_seq_len": 100_000, "cache_dir": cfg(path).cache_dir})
-    data_cfg = OmegaConf.to_object(node)
+    data_cfg = data_config(preset="huatuo_en", path=str(path), max_seq_len=100_000, cache_dir=cfg(path).cache_dir)
     tok = chatml_tokenizer()
     t0 = time.perf_counter()
     d = build_sft_data(data_cfg, tok, seed=0, use_cache=False)
@@ -217,12 +212,9 @@ def test_synthetic_records_speed(tmp_path, cfg):
     assert t2 - t1 < t1 - t0
 
 
-def test_accepts_the_composed_dictconfig(tok, tmp_path):
+def test_accepts_the_composed_dictconfig(tok, tmp_path, data_config):
     """The training loop passes cfg.data as an OmegaConf node, not the dataclass."""
-    from omegaconf import OmegaConf
-
-    node = OmegaConf.structured(DataConfig(path=str(FIXTURES / "es_small.json"), val_ratio=0.25,
-                                           cache_dir=str(tmp_path / "c")))
+    node = data_config(path=str(FIXTURES / "es_small.json"), val_ratio=0.25, cache_dir=str(tmp_path / "c"))
     d = build_sft_data(node, tok, seed=0)
     assert len(d.train) == 3 and len(d.val) == 1 and d.stats["cache"] == "miss"
     assert build_sft_data(node, tok, seed=0).train == d.train

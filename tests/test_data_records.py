@@ -12,11 +12,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_data_support import BROKEN, FIXTURES, REPO_ROOT, es_record, shared_file, write_json  # noqa: E402
 
-from medsft.config import DataConfig, FieldMap  # noqa: E402
 from medsft.data.records import LoadReport, Record, load_records  # noqa: E402
 from medsft.errors import DataError  # noqa: E402
 
-HUATUO_EN = FieldMap(question="Question", reasoning="Complex_CoT", response="Response", source=None)
+HUATUO_EN = {"question": "Question", "reasoning": "Complex_CoT", "response": "Response", "source": None}
 
 # file -> substrings its DataError must contain (besides the file's path).
 BROKEN_CASES = {
@@ -37,6 +36,10 @@ BROKEN_CASES = {
     "english_schema.json": ["no record has the question field 'Pregunta'", "huatuo_en", "#0 (line 2) missing"],
 }
 
+# The field map of the Spanish schema (conf/data/base.yaml), as the record files here use it.
+ES_FIELDS = {"question": "Pregunta", "reasoning": "Razonamiento_Complejo", "response": "Respuesta",
+             "source": "Archivo_fuente"}
+
 
 def test_broken_corpus_is_complete():
     """One fixture per error kind, and every fixture is exercised."""
@@ -47,7 +50,7 @@ def test_broken_corpus_is_complete():
 def test_broken_file_message(name):
     path = BROKEN / name
     with pytest.raises(DataError) as info:
-        load_records(path, FieldMap())
+        load_records(path, ES_FIELDS)
     msg = str(info.value)
     assert msg.startswith(str(path)), msg
     for part in BROKEN_CASES[name]:
@@ -62,7 +65,7 @@ def test_broken_file_message(name):
 )
 def test_skip_drops_invalid_records(name, kept, caplog):
     with caplog.at_level(logging.WARNING, logger="medsft.data.records"):
-        records, report = load_records(BROKEN / name, FieldMap(), on_invalid="skip")
+        records, report = load_records(BROKEN / name, ES_FIELDS, on_invalid="skip")
     assert len(records) == report.kept == kept
     assert len(report.invalid) == report.total - kept
     assert "skipped" in caplog.text and report.invalid[0].split()[0] in caplog.text
@@ -72,7 +75,7 @@ def test_skip_drops_invalid_records(name, kept, caplog):
 def test_file_level_errors_are_not_skippable():
     for name in ("invalid_json.json", "empty.json", "not_a_list.json"):
         with pytest.raises(DataError):
-            load_records(BROKEN / name, FieldMap(), on_invalid="skip")
+            load_records(BROKEN / name, ES_FIELDS, on_invalid="skip")
 
 
 def test_error_list_is_capped(tmp_path):
@@ -81,7 +84,7 @@ def test_error_list_is_capped(tmp_path):
         recs[i]["Respuesta"] = "   "
     path = write_json(tmp_path / "many.jsonl", recs, jsonl=True)
     with pytest.raises(DataError) as info:
-        load_records(path, FieldMap())
+        load_records(path, ES_FIELDS)
     msg = str(info.value)
     assert "25 of 30 records invalid" in msg and "#3 (line 4) 'Respuesta' is empty" in msg
     assert "and 15 more" in msg and "#20 " not in msg
@@ -89,8 +92,8 @@ def test_error_list_is_capped(tmp_path):
 
 
 def test_valid_fixture_json_and_jsonl_agree():
-    a, ra = load_records(FIXTURES / "es_small.json", FieldMap())
-    b, rb = load_records(FIXTURES / "es_small.jsonl", FieldMap())
+    a, ra = load_records(FIXTURES / "es_small.json", ES_FIELDS)
+    b, rb = load_records(FIXTURES / "es_small.jsonl", ES_FIELDS)
     assert [r.key() for r in a] == [r.key() for r in b]
     assert (ra.format, rb.format) == ("json", "jsonl")
     assert [r.line for r in b] == [1, 2, 3, 4]
@@ -100,13 +103,13 @@ def test_valid_fixture_json_and_jsonl_agree():
 
 
 def test_jsonl_content_in_a_json_file_is_detected():
-    records, report = load_records(FIXTURES / "jsonl_named.json", FieldMap())
+    records, report = load_records(FIXTURES / "jsonl_named.json", ES_FIELDS)
     assert report.format == "jsonl" and len(records) == 3 and records[2].line == 3
 
 
 def test_duplicates_warned_and_extra_fields_counted(caplog):
     with caplog.at_level(logging.WARNING):
-        records, report = load_records(FIXTURES / "duplicates_extra.json", FieldMap())
+        records, report = load_records(FIXTURES / "duplicates_extra.json", ES_FIELDS)
     assert len(records) == 5  # duplicates are kept (warned)
     assert report.duplicates == 1 and "1 duplicate records" in caplog.text
     assert report.extra_fields == {"Extra": 1, "Notas": 2}
@@ -117,43 +120,40 @@ def test_strips_whitespace_and_optional_source(tmp_path):
     rec = es_record(0, Pregunta="  ¿Qué?\n", Archivo_fuente=None)
     rec2 = es_record(1)
     del rec2["Archivo_fuente"]
-    records, _ = load_records(write_json(tmp_path / "x.json", [rec, rec2]), FieldMap())
+    records, _ = load_records(write_json(tmp_path / "x.json", [rec, rec2]), ES_FIELDS)
     assert records[0].question == "¿Qué?" and records[0].source is None and records[1].source is None
     bad = es_record(0, Archivo_fuente=3)
     with pytest.raises(DataError, match="'Archivo_fuente' is a number"):
-        load_records(write_json(tmp_path / "y.json", [bad]), FieldMap())
+        load_records(write_json(tmp_path / "y.json", [bad]), ES_FIELDS)
 
 
 def test_bom_and_parquet(tmp_path):
     recs = [es_record(i) for i in range(3)]
     p = tmp_path / "bom.json"
     p.write_bytes(b"\xef\xbb\xbf" + json.dumps(recs, ensure_ascii=False).encode())
-    assert len(load_records(p, FieldMap())[0]) == 3
+    assert len(load_records(p, ES_FIELDS)[0]) == 3
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(recs), tmp_path / "x.parquet")
-    records, report = load_records(tmp_path / "x.parquet", FieldMap())
+    records, report = load_records(tmp_path / "x.parquet", ES_FIELDS)
     assert report.format == "parquet" and [r.question for r in records] == [r["Pregunta"] for r in recs]
     assert records[0].line is None and "record #0" in records[0].where()
 
 
 def test_missing_path_and_directory(tmp_path):
     with pytest.raises(DataError, match="no such file"):
-        load_records(tmp_path / "nope.json", FieldMap())
+        load_records(tmp_path / "nope.json", ES_FIELDS)
     with pytest.raises(DataError, match="is a directory"):
-        load_records(tmp_path, FieldMap())
+        load_records(tmp_path, ES_FIELDS)
     with pytest.raises(DataError, match="on_invalid"):
-        load_records(FIXTURES / "es_small.json", FieldMap(), on_invalid="ignore")
+        load_records(FIXTURES / "es_small.json", ES_FIELDS, on_invalid="ignore")
 
 
-def test_english_mapping_on_shared_huatuo_file():
+def test_english_mapping_on_shared_huatuo_file(data_config):
     """conf/data/huatuo_en.yaml maps HuatuoGPT-o1's English schema; the 198 public records load unchanged."""
-    from omegaconf import OmegaConf
-
     path = shared_file("huatuo_o1/demo_data.json")
-    preset = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(REPO_ROOT / "conf/data/huatuo_en.yaml"))
-    fields = OmegaConf.to_object(preset.fields)
+    fields = data_config(preset="huatuo_en").fields
     assert (fields.question, fields.reasoning, fields.response, fields.source) == (
         "Question", "Complex_CoT", "Response", None)
     records, report = load_records(path, fields)
@@ -164,16 +164,16 @@ def test_english_mapping_on_shared_huatuo_file():
     assert records[5].response == raw[5]["Response"].strip()
     assert report.extra_fields["Open-ended Verifiable Question"] == 198 and "Question" not in report.extra_fields
     with pytest.raises(DataError, match="huatuo_en"):  # the Spanish default on English data says what to do
-        load_records(path, FieldMap())
+        load_records(path, ES_FIELDS)
 
 
 def test_shared_spanish_sample_and_bundled_demo():
-    records, report = load_records(shared_file("medsft_es_sample/test_sample.json"), FieldMap())
+    records, report = load_records(shared_file("medsft_es_sample/test_sample.json"), ES_FIELDS)
     assert len(records) == 3 and report.invalid == []
     demo = REPO_ROOT / "data" / "demo_data.json"
     if not demo.exists():
         pytest.skip("data/demo_data.json not bundled yet")
-    records, report = load_records(demo, FieldMap())
+    records, report = load_records(demo, ES_FIELDS)
     assert report.total >= 40 and report.kept == report.total and report.duplicates == 0
     assert all(r.source for r in records)
 

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf, open_dict
 
 from medsft.errors import ConfigError
 from medsft.train import checkpoint as ckpt
-from medsft.train.metrics import read_metrics
+from medsft.outputs import read_records as read_metrics
 from medsft.train.optim import lr_multiplier
 from train_utils import CONF, ROOT, compose_cfg, launch, tiny_overrides, train_in_process
 
@@ -233,13 +233,13 @@ def test_sigterm_to_the_launcher_checkpoints_and_returns_the_workers_exit_code(t
 
 @pytest.mark.parametrize("preset", ["zero2_local", "zero3", "zero3_8gpu", "zero3_offload"])
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16", "fp16"])
-def test_deepspeed_json_comes_from_the_config_and_deepspeed_accepts_it(preset, mixed_precision):
+def test_deepspeed_json_comes_from_the_config_and_deepspeed_accepts_it(compose_config, preset, mixed_precision):
     pytest.importorskip("deepspeed")
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from medsft.deepspeed_config import deepspeed_json
+    from medsft.runtime.deepspeed import deepspeed_json
 
-    cfg = compose_cfg([f"deepspeed={preset}", "data.path=x.json", "train.train_bsz_per_gpu=3",
+    cfg = compose_config(*[f"deepspeed={preset}", "data.path=x.json", "train.train_bsz_per_gpu=3",
                        "train.gradient_accumulation_steps=5", "optimizer.max_grad_norm=0.7"])
     data = deepspeed_json(cfg, mixed_precision, world_size=8)
     assert data["train_micro_batch_size_per_gpu"] == 3 and data["gradient_accumulation_steps"] == 5
@@ -262,25 +262,25 @@ def test_deepspeed_json_comes_from_the_config_and_deepspeed_accepts_it(preset, m
     assert parsed.train_batch_size == 15 and parsed.gradient_accumulation_steps == 5
 
 
-def test_deepspeed_json_refuses_what_cannot_work():
-    from medsft.deepspeed_config import deepspeed_json
+def test_deepspeed_json_refuses_what_cannot_work(compose_config):
+    from medsft.runtime.deepspeed import deepspeed_json
 
-    cfg = compose_cfg(["deepspeed=zero2_local", "deepspeed.offload_params=true", "data.path=x.json"])
+    cfg = compose_config(*["deepspeed=zero2_local", "deepspeed.offload_params=true", "data.path=x.json"])
     with pytest.raises(ConfigError, match="offload_params=true needs deepspeed.zero_stage=3"):
         deepspeed_json(cfg, "no")
     with pytest.raises(ConfigError, match="mixed precision"):
-        deepspeed_json(compose_cfg(["deepspeed=zero3", "data.path=x.json"]), "fp8")
-    no_clip = compose_cfg(["deepspeed=zero3", "data.path=x.json", "optimizer.max_grad_norm=0"])
+        deepspeed_json(compose_config(*["deepspeed=zero3", "data.path=x.json"]), "fp8")
+    no_clip = compose_config(*["deepspeed=zero3", "data.path=x.json", "optimizer.max_grad_norm=0"])
     assert deepspeed_json(no_clip, "no")["gradient_clipping"] == 0.0
 
 
-def test_launch_config_writes_the_accelerate_and_deepspeed_files(tmp_path, capsys):
+def test_launch_config_writes_the_accelerate_and_deepspeed_files(compose_config, tmp_path, capsys):
     pytest.importorskip("deepspeed")
     import yaml
     from accelerate.commands.config.config_args import load_config_from_file
 
     from medsft.cli import main
-    from medsft.deepspeed_config import deepspeed_json
+    from medsft.runtime.deepspeed import deepspeed_json
 
     overrides = ["deepspeed=zero3_8gpu", "launcher.num_processes=8", "data.path=x.json"]
     assert main(["launch-config", *overrides, "--out", str(tmp_path / "lc")]) == 0
@@ -292,7 +292,7 @@ def test_launch_config_writes_the_accelerate_and_deepspeed_files(tmp_path, capsy
     assert loaded.deepspeed_config["deepspeed_config_file"] == str(ds_file.resolve())
     assert loaded.deepspeed_config["zero3_init_flag"] is True
     # The JSON is the generated one (auto precision = bf16: the files are for GPU machines).
-    assert json.loads(ds_file.read_text()) == deepspeed_json(compose_cfg(overrides), "bf16", world_size=8)
+    assert json.loads(ds_file.read_text()) == deepspeed_json(compose_config(*overrides), "bf16", world_size=8)
 
     assert main(["launch-config", "launcher=cpu_2proc", "data.path=x.json", "--out", str(tmp_path / "ddp")]) == 0
     plain = yaml.safe_load((tmp_path / "ddp" / "accelerate_config.yaml").read_text())
@@ -303,13 +303,13 @@ def test_launch_config_writes_the_accelerate_and_deepspeed_files(tmp_path, capsy
 # ------------------------------------------------------------------------------------------ the relaunch
 
 
-def test_when_to_relaunch_and_when_to_run_in_place():
-    from medsft.launcher import needs_relaunch
+def test_when_to_relaunch_and_when_to_run_in_place(compose_config):
+    from medsft.runtime.relaunch import needs_relaunch
 
-    two = compose_cfg(["launcher=cpu_2proc", "data.path=x.json"])
-    one = compose_cfg(["data.path=x.json"])
+    two = compose_config(*["launcher=cpu_2proc", "data.path=x.json"])
+    one = compose_config(*["data.path=x.json"])
     assert needs_relaunch(two, {}) and not needs_relaunch(one, {})
-    assert needs_relaunch(compose_cfg(["launcher=multi_node", "data.path=x.json"]), {})
+    assert needs_relaunch(compose_config(*["launcher=multi_node", "data.path=x.json"]), {})
     for inside in ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},  # torchrun / accelerate --multi_gpu
                    {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "no"},  # accelerate, 1 proc
                    {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"},  # srun, one task per process
@@ -324,12 +324,12 @@ def test_when_to_relaunch_and_when_to_run_in_place():
 @pytest.fixture
 def hydra_context():
     """A HydraConfig as `python launch.py launcher=cpu_2proc ...` would have it (restored afterwards)."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
+    from medsft.config import compose
+
     def make(*overrides: str, run_dir: Path):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            full = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+        full = compose(overrides, return_hydra_config=True)
         with open_dict(full):
             full.hydra.runtime.output_dir = str(run_dir)
         HydraConfig.instance().set_config(full)
@@ -343,7 +343,8 @@ def hydra_context():
 
 
 def test_relaunch_command_environment_ports_objective_and_exit_code(tmp_path, monkeypatch, hydra_context):
-    from medsft import launcher
+    from medsft.runtime import cluster
+    from medsft.runtime import relaunch as launcher
 
     calls = []
 
@@ -396,43 +397,45 @@ def test_relaunch_command_environment_ports_objective_and_exit_code(tmp_path, mo
     assert info.value.exit_code == 3
 
 
-def test_the_child_refuses_a_config_different_from_the_parents(tmp_path, monkeypatch):
-    from medsft import launcher
+def test_the_child_refuses_a_config_different_from_the_parents(compose_config, tmp_path, monkeypatch):
+    from medsft.runtime import cluster
+    from medsft.runtime import relaunch as launcher
 
-    parent = compose_cfg(["launcher=cpu_2proc", "data.path=x.json"])
+    parent = compose_config(*["launcher=cpu_2proc", "data.path=x.json"])
     (tmp_path / launcher.CONFIG_FILE).write_text(json.dumps(launcher._config_snapshot(parent)))
     monkeypatch.setenv(launcher.LAUNCH_DIR_ENV, str(tmp_path))
     launcher.check_child_config(parent)  # same: fine
     with pytest.raises(ConfigError, match="optimizer.learning_rate"):
-        launcher.check_child_config(compose_cfg(["launcher=cpu_2proc", "data.path=x.json",
+        launcher.check_child_config(compose_config(*["launcher=cpu_2proc", "data.path=x.json",
                                                  "optimizer.learning_rate=1"]))
     monkeypatch.setenv("RANK", "1")
     launcher.record_exit(5)
     assert (tmp_path / "rank1.exit").read_text() == "5"
 
 
-def test_multi_node_rendezvous_and_slurm_in_place():
-    from medsft import launcher
+def test_multi_node_rendezvous_and_slurm_in_place(compose_config):
+    from medsft.runtime import cluster
+    from medsft.runtime import relaunch as launcher
 
-    cfg = compose_cfg(["launcher=multi_node", "data.path=x.json"])
+    cfg = compose_config(*["launcher=multi_node", "data.path=x.json"])
     slurm = {"SLURM_JOB_ID": "123456", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "MASTER_ADDR": "node-a"}
-    rdzv = launcher.rendezvous(cfg, slurm)
+    rdzv = cluster.rendezvous(cfg, slurm)
     assert rdzv == {"machine_rank": 1, "main_process_ip": "node-a", "main_process_port": 20000 + 123456 % 20000}
-    assert launcher.rendezvous(cfg, {**slurm, "SLURM_NODEID": "0"})["main_process_port"] == rdzv["main_process_port"]
+    assert cluster.rendezvous(cfg, {**slurm, "SLURM_NODEID": "0"})["main_process_port"] == rdzv["main_process_port"]
     with pytest.raises(ConfigError, match="main_process_ip"):
-        launcher.rendezvous(cfg, {})
+        cluster.rendezvous(cfg, {})
     with pytest.raises(ConfigError, match="main_process_port"):
-        launcher.rendezvous(compose_cfg(["launcher=multi_node", "data.path=x.json", "launcher.main_process_ip=h"]), {})
+        cluster.rendezvous(compose_config(*["launcher=multi_node", "data.path=x.json", "launcher.main_process_ip=h"]), {})
     argv = launcher.accelerate_command(cfg, ["x=1"], rdzv, Path("acc.yaml"))
     for flag, value in (("--num_machines", "2"), ("--machine_rank", "1"), ("--main_process_ip", "node-a"),
                         ("--num_processes", "16"), ("--rdzv_backend", "static")):
         assert argv[argv.index(flag) + 1] == value
     with pytest.raises(ConfigError, match="divide"):
-        launcher.check_launcher(compose_cfg(["launcher=multi_node", "launcher.num_processes=9", "data.path=x.json"]))
+        cluster.check_launcher(compose_config(*["launcher=multi_node", "launcher.num_processes=9", "data.path=x.json"]))
 
-    per_process = compose_cfg(["launcher=cpu_2proc", "data.path=x.json", "launcher.main_process_port=29999"])
+    per_process = compose_config(*["launcher=cpu_2proc", "data.path=x.json", "launcher.main_process_port=29999"])
     env = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2"}
-    launcher.adopt_slurm_env(per_process, env)
+    cluster.adopt_slurm_env(per_process, env)
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_PORT"]) == ("1", "1", "2", "29999")
 
 

@@ -11,7 +11,8 @@ import pytest
 
 import medsft
 from medsft.errors import ConfigError, DataError
-from medsft.eval.cli import cli_main, compose_eval_config
+from medsft.cli.eval import cli_main
+from medsft.eval.config import compose_eval_config
 from medsft.eval.runner import run_evaluation
 
 ROOT = Path(medsft.__file__).resolve().parents[1]
@@ -126,7 +127,8 @@ def test_vllm_backend_absent_is_a_clear_error(tmp_path, tiny_model_dir):
 def test_load_preset_items_for_training_loop():
     from medsft.eval.runner import load_preset_items
 
-    items = load_preset_items("custom", limit=3, overrides=[f"eval.path={FIX / 'mini_mcq.json'}"])
+    eval_cfg = compose_eval_config(["eval=custom", "eval.limit=3", f"eval.path={FIX / 'mini_mcq.json'}"]).eval
+    items = load_preset_items(eval_cfg)
     assert len(items) == 3 and items[0].language == "es"
 
 

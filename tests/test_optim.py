@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from medsft.train.batches import optimizer_step_groups, rank_micro_batches
-from medsft.train.optim import StepPlan, build_optimizer, build_scheduler, lr_multiplier, param_groups
+from medsft.data.order import optimizer_step_groups, rank_micro_batches
+from medsft.data.order import StepPlan
+from medsft.train.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups
 
 
 def _tiny(arch):

@@ -13,16 +13,16 @@ from hypothesis import strategies as st
 
 from medsft.data.collate import SFTCollator
 from medsft.data.packing import PackedCollator, best_fit_decreasing, packing_stats
-from medsft.train import attention
-from medsft.train.batches import (
+from medsft.compute import attention
+from medsft.data.order import (
     DataOrder,
     length_grouped_micro_batches,
     packed_micro_batches,
     rank_micro_batches,
 )
-from medsft.train.kernels import Kernels, forward_loss_sums
-from medsft.train.metrics import token_loss_sums
-from medsft.train.optim import StepPlan
+from medsft.compute.kernels import Kernels, forward_loss_sums
+from medsft.compute.kernels import token_loss_sums
+from medsft.data.order import StepPlan
 
 # ----------------------------------------------------------------------------------------------- packer
 
@@ -269,9 +269,10 @@ def test_length_grouping_is_seeded_complete_and_removes_padding(world):
 
 def test_packed_order_covers_rows_once_per_epoch_and_is_pure():
     lengths = _lengths(120, seed=1)
-    order = DataOrder("packed", lengths, best_fit_decreasing(lengths, 2048, seed=5))
+    order = DataOrder("packed", lengths, PackedCollator(pad_token_id=0), best_fit_decreasing(lengths, 2048, seed=5),
+                      seed=5)
     plan = StepPlan(num_examples=order.units, bsz=2, accum=2, world=2, epochs=2)
-    per_rank = [order.micro_batches(plan, 5, 0, r) for r in range(2)]
+    per_rank = [order.micro_batches(plan, 0, r) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == plan.micro_batches_per_epoch
     seen = [i for batches in per_rank for b in batches for i in b]
     assert set(seen) == set(range(120))
@@ -279,18 +280,20 @@ def test_packed_order_covers_rows_once_per_epoch_and_is_pure():
         for b in batches:
             assert sum(lengths[i] for i in b) <= plan.bsz * 2048  # the micro-batch token budget
     assert per_rank[0] == packed_micro_batches(plan, order.rows, 5, 0, 0)
-    assert per_rank[0] != order.micro_batches(plan, 5, 1, 0)
+    assert per_rank[0] != order.micro_batches(plan, 1, 0)
 
 
-def test_data_order_from_config():
+def test_data_order_from_config(data_config):
+    """The data hands the loop its order and the collator that goes with it; the loop chooses neither."""
     examples = [{"input_ids": [1] * n} for n in (5, 3, 4, 2)]
-    cfg = type("D", (), {"packing": True, "group_by_length": False, "max_seq_len": 8})()
-    packed = DataOrder.from_config(cfg, examples, seed=0)
-    assert packed.mode == "packed" and packed.units == 2
+    cfg = data_config(packing=True, group_by_length=False, max_seq_len=8)
+    packed = DataOrder.from_config(cfg, examples, seed=0, pad_token_id=0)
+    assert packed.mode == "packed" and packed.units == 2 and isinstance(packed.collator, PackedCollator)
     cfg.packing, cfg.group_by_length = False, True
-    assert DataOrder.from_config(cfg, examples, seed=0).mode == "grouped"
+    grouped = DataOrder.from_config(cfg, examples, seed=0, pad_token_id=0)
+    assert grouped.mode == "grouped" and isinstance(grouped.collator, SFTCollator)
     cfg.group_by_length = False
-    assert DataOrder.from_config(cfg, examples, seed=0).units == 4
+    assert DataOrder.from_config(cfg, examples, seed=0, pad_token_id=0).units == 4
 
 
 # ------------------------------------------------------------------------------------------ in the loop
@@ -298,7 +301,7 @@ def test_data_order_from_config():
 
 def _first_step(tmp_path, name, data, *extra):
     from train_utils import train_in_process
-    from medsft.train.metrics import read_metrics
+    from medsft.outputs import read_records as read_metrics
 
     _, run_dir = train_in_process(tmp_path / name, f"data.path={data}", "train.max_steps=1", "data.val_ratio=0",
                                   "optimizer.max_grad_norm=1e9", "checkpoint.save_final=false",
@@ -334,8 +337,8 @@ def test_preempted_packed_or_grouped_run_resumes_bitwise_exactly(tmp_path, monke
     uninterrupted one: the rows and their order are recomputed from (seed, epoch, world, rank)."""
     from train_utils import train_in_process
 
-    from medsft.train.faults import ENV
-    from medsft.train.metrics import read_metrics
+    from medsft.testing.faults import ENV
+    from medsft.outputs import read_records as read_metrics
     from medsft.train.signals import TrainingPreempted
 
     common = (mode, "data.max_samples=12", "data.max_seq_len=2048", "data.overlong=truncate", "data.val_ratio=0",

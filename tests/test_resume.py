@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from medsft.errors import ConfigError
 from medsft.train import checkpoint as ckpt
-from medsft.train.faults import ENV as FAULTS
+from medsft.testing.faults import ENV as FAULTS
 from train_utils import ROOT, compose_cfg, reset_accelerate, tiny_overrides
 
 TOTAL_STEPS = 12  # 42 train examples, 4 per micro-batch -> 11 micro-batches = 6 steps per epoch (last one short)
@@ -45,12 +45,10 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def dropout_model(tmp_path_factory) -> Path:
+def dropout_model(tmp_path_factory, tiny_model_dir) -> Path:
     """The tiny random Llama with attention_dropout=0.1: training consumes the torch RNG at every step."""
-    from medsft.models import TINY_RANDOM, resolve_model_dir
-
     path = tmp_path_factory.mktemp("models") / "tiny-dropout"
-    shutil.copytree(resolve_model_dir(TINY_RANDOM), path)
+    shutil.copytree(tiny_model_dir, path)
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     config["attention_dropout"] = 0.1
     (path / "config.json").write_text(json.dumps(config), encoding="utf-8")
@@ -241,7 +239,7 @@ def test_sigterm_checkpoints_at_the_next_step_exits_75_and_resumes_exactly_with_
 
 def test_nan_steps_are_skipped_and_counted_then_the_run_stops_with_the_last_good_checkpoint(
         tmp_path, dropout_model, monkeypatch):
-    from medsft.train.loop import TrainingDiverged
+    from medsft.errors import TrainingDiverged
 
     monkeypatch.setenv(FAULTS, "nan_at_steps=3,5,6")
     with pytest.raises(TrainingDiverged) as err:

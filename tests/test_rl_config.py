@@ -5,43 +5,40 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from medsft.config import register_configs, validate
+from medsft.config import validate, validate_rl
+from medsft.config.rl import RLConfig
 from medsft.errors import ConfigError
-from medsft.rl.config import RLConfig, validate_rl
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-register_configs()
 
 
-def compose_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+def presets(folder: Path) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "base")
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "rl").glob("*.yaml")))
-@pytest.mark.parametrize("data", sorted(p.stem for p in (CONF / "rl" / "data").glob("*.yaml")))
-def test_every_rl_preset_and_data_option_composes_typed_and_validates(preset, data):
-    cfg = compose_cfg("stage=rl", f"rl={preset}", f"rl/data={data}", "rl.data.path=x.json",
+@pytest.mark.parametrize("preset", presets(CONF / "rl"))
+@pytest.mark.parametrize("data", presets(CONF / "rl" / "data"))
+def test_every_rl_preset_and_data_option_composes_typed_and_validates(compose_config, preset, data):
+    cfg = compose_config("stage=rl", f"rl={preset}", f"rl/data={data}", "rl.data.path=x.json",
                       "rl.verifier.path=/some/verifier")  # fmt: skip
     assert OmegaConf.get_type(cfg.rl) is RLConfig and cfg.rl.name == preset and cfg.rl.data.name == data
     validate(cfg)
     validate_rl(cfg)
 
 
-def test_rl_is_off_by_default_and_sft_configs_are_unchanged():
-    cfg = compose_cfg()
+def test_rl_is_off_by_default_and_sft_configs_are_unchanged(compose_config):
+    cfg = compose_config()
     assert cfg.rl is None and cfg.stage == "sft"
     with pytest.raises(ConfigError, match="rl=grpo or rl=ppo"):
-        validate_rl(compose_cfg("stage=rl"))
+        validate_rl(compose_config("stage=rl"))
 
 
-def test_ppo_preset_carries_huatuo_stage2_hyperparameters():
-    rl = compose_cfg("stage=rl", "rl=ppo").rl
+def test_ppo_preset_carries_huatuo_stage2_hyperparameters(compose_config):
+    rl = compose_config("stage=rl", "rl=ppo").rl
     assert rl.algorithm == "ppo" and list(rl.rewards) == ["model_verifier"]
     assert rl.verifier.path == "FreedomIntelligence/medical_o1_verifier_3B"
     assert (rl.verifier.threshold, rl.verifier.correct_reward, rl.verifier.incorrect_reward) == (0.4, 1.0, 0.1)
@@ -53,8 +50,8 @@ def test_ppo_preset_carries_huatuo_stage2_hyperparameters():
     assert rl.data.fields.question == "Pregunta_Verificable" and rl.data.fields.answer == "Respuesta_Verdadera"
 
 
-def test_huatuo_english_data_preset():
-    data = compose_cfg("stage=rl", "rl=grpo", "rl/data=huatuo_en").rl.data
+def test_huatuo_english_data_preset(compose_config):
+    data = compose_config("stage=rl", "rl=grpo", "rl/data=huatuo_en").rl.data
     assert (data.fields.question, data.fields.answer, data.language) == (
         "Open-ended Verifiable Question", "Ground-True Answer", "en")
     assert OmegaConf.is_missing(data, "path")
@@ -62,9 +59,9 @@ def test_huatuo_english_data_preset():
 
 @pytest.mark.parametrize("override,error", [("rl.kl_coeff=0.1", "rl.kl_coeff"), ("rl.kl_coef=abc", "kl_coef"),
                                             ("rl.data.fields.questio=x", "questio")])  # fmt: skip
-def test_typos_and_wrong_types_fail_at_composition(override, error):
+def test_typos_and_wrong_types_fail_at_composition(compose_config, override, error):
     with pytest.raises(ConfigCompositionException, match=error):
-        compose_cfg("stage=rl", "rl=grpo", override)
+        compose_config("stage=rl", "rl=grpo", override)
 
 
 @pytest.mark.parametrize(
@@ -87,11 +84,11 @@ def test_typos_and_wrong_types_fail_at_composition(override, error):
          "needs >= 2 rollouts"),
     ],
 )
-def test_validate_rl_names_the_key(overrides, message):
-    cfg = compose_cfg("stage=rl", *overrides)
+def test_validate_rl_names_the_key(compose_config, overrides, message):
+    cfg = compose_config("stage=rl", *overrides)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         validate_rl(cfg)
 
 
-def test_custom_reward_spec_is_accepted():
-    validate_rl(compose_cfg("stage=rl", "rl=grpo", "rl.rewards=[format,my_pkg.rewards:length_penalty]"))
+def test_custom_reward_spec_is_accepted(compose_config):
+    validate_rl(compose_config("stage=rl", "rl=grpo", "rl.rewards=[format,my_pkg.rewards:length_penalty]"))

@@ -24,8 +24,8 @@ DEMO = ROOT / "data" / "rl_demo_data.json"
 HUATUO_DEMO = ROOT.parent / "shared" / "data" / "huatuo_o1" / "demo_data.json"
 
 
-def test_bundled_spanish_demo_loads_with_the_default_fields():
-    data = load_rl_data({"path": str(DEMO), "eval_ratio": 0.1, "eval_max": 200}, seed=42)
+def test_bundled_spanish_demo_loads_with_the_default_fields(rl_data_config):
+    data = load_rl_data(rl_data_config(path=str(DEMO), eval_ratio=0.1, eval_max=200), seed=42)
     assert data.total == len(json.loads(DEMO.read_text(encoding="utf-8"))) >= 24
     assert data.kinds["open"] >= 20 and data.kinds.get("mcq", 0) >= 1
     assert len(data.eval) == int(data.total * 0.1) and len(data.train) + len(data.eval) == data.total
@@ -48,19 +48,19 @@ def test_seeded_split_is_reproducible_and_seed_dependent():
 
 
 @pytest.mark.skipif(not HUATUO_DEMO.is_file(), reason="../shared/data/huatuo_o1/demo_data.json not present")
-def test_huatuo_english_preset_fields_and_mcq_view_of_the_same_file():
+def test_huatuo_english_preset_fields_and_mcq_view_of_the_same_file(rl_data_config):
     fields = {"question": "Open-ended Verifiable Question", "answer": "Ground-True Answer"}
-    questions, bad, total = load_questions(HUATUO_DEMO, {"fields": fields})
+    questions, bad, total = load_questions(HUATUO_DEMO, rl_data_config(fields=fields))
     assert total == len(questions) == 198 and not bad
     assert questions[0].kind == "open" and questions[0].reference == "Parvovirus B19 infection"
-    mcq, _, _ = load_questions(HUATUO_DEMO, {"kind": "mcq", "language": "en"})
+    mcq, _, _ = load_questions(HUATUO_DEMO, rl_data_config(kind="mcq", language="en"))
     assert mcq[0].gold == "D" and mcq[0].reference == "D. Parvovirus B19 infection"
     assert mcq[0].question.startswith("Please answer the following multiple-choice question:\n")
     assert mcq[0].question.endswith("\nE. Vitamin B12 deficiency")
 
 
-def test_mcq_jsonl_records_become_verifiable_questions():
-    questions, bad, total = load_questions(FIX / "mcq_en.jsonl", {"kind": "auto", "language": "en"})
+def test_mcq_jsonl_records_become_verifiable_questions(rl_data_config):
+    questions, bad, total = load_questions(FIX / "mcq_en.jsonl", rl_data_config(kind="auto", language="en"))
     assert total == 3 and not bad
     assert [q.gold for q in questions] == ["B", "C", "A"]
     assert questions[0].line == 1 and questions[0].reference == "B. Vitamin C"
@@ -75,9 +75,9 @@ def test_mcq_to_question_uses_the_eval_prompt():
     assert prompt == item.prompt(PROMPT_TEMPLATES["es"]) and reference == "B. Fémur"
 
 
-def test_invalid_records_are_named_by_file_record_line_and_field():
+def test_invalid_records_are_named_by_file_record_line_and_field(rl_data_config):
     with pytest.raises(DataError) as err:
-        load_questions(FIX / "mixed_invalid.json", {})
+        load_questions(FIX / "mixed_invalid.json", rl_data_config())
     msg = str(err.value)
     assert str(FIX / "mixed_invalid.json") in msg and "6 of 10 records invalid" in msg
     assert "#1 (line 6) 'Respuesta_Verdadera' is empty" in msg
@@ -89,26 +89,26 @@ def test_invalid_records_are_named_by_file_record_line_and_field():
     assert "rl.data.on_invalid=skip" in msg
 
 
-def test_on_invalid_skip_keeps_the_valid_records():
-    questions, bad, total = load_questions(FIX / "mixed_invalid.json", {"on_invalid": "skip"})
+def test_on_invalid_skip_keeps_the_valid_records(rl_data_config):
+    questions, bad, total = load_questions(FIX / "mixed_invalid.json", rl_data_config(on_invalid="skip"))
     assert total == 10 and len(bad) == 6
     assert [(q.kind, q.gold) for q in questions] == [("open", None), ("mcq", "B"), ("mcq", "B"), ("mcq", "A")]
     assert questions[2].options == {"A": "Hígado", "B": "Páncreas", "C": "Bazo"}  # list + 1-based answer_idx
 
 
-def test_unmapped_schema_error_suggests_the_field_mapping(tmp_path):
+def test_unmapped_schema_error_suggests_the_field_mapping(rl_data_config, tmp_path):
     path = tmp_path / "x.json"
     path.write_text(json.dumps([{"Question": "q", "Answer": "a"}]), encoding="utf-8")
     with pytest.raises(DataError, match=r"rl\.data\.fields\.question/answer"):
-        load_questions(path, {})
+        load_questions(path, rl_data_config())
     with pytest.raises(DataError, match="no such file"):
-        load_questions(tmp_path / "missing.json", {})
+        load_questions(tmp_path / "missing.json", rl_data_config())
 
 
-def test_prompts_are_rendered_exactly_as_in_sft_and_long_ones_dropped(tiny_tokenizer):
+def test_prompts_are_rendered_exactly_as_in_sft_and_long_ones_dropped(rl_data_config, tiny_tokenizer):
     from medsft.data.render import prompt_ids
 
-    questions, _, _ = load_questions(DEMO, {})
+    questions, _, _ = load_questions(DEMO, rl_data_config())
     kept, prompts, dropped = filter_long_prompts(questions, tiny_tokenizer, "Eres un médico.", 10_000)
     assert dropped == 0 and prompts[0] == [{"role": "system", "content": "Eres un médico."},
                                            {"role": "user", "content": questions[0].question}]  # fmt: skip
@@ -123,23 +123,17 @@ def test_prompts_are_rendered_exactly_as_in_sft_and_long_ones_dropped(tiny_token
     assert set(ds.column_names) >= {"prompt", "reference", "options", "gold", "question", "record"}
 
 
-def test_bad_rl_data_fails_before_any_model_is_loaded(tmp_path, monkeypatch):
-    import medsft.models
-    from medsft.config import register_configs
+def test_bad_rl_data_fails_before_any_model_is_loaded(tmp_path, monkeypatch, compose_config):
+    import medsft.rl.policy
     from medsft.run import run
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was validated")
 
-    monkeypatch.setattr(medsft.models, "load_tokenizer", no_model)
-    monkeypatch.setattr(medsft.models, "load_model", no_model)
-    register_configs()
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "stage=rl", "rl=grpo", "model=tiny_random", "logging=none", f"output_dir={tmp_path / 'ckpts'}",
-            f"rl.data.path={FIX / 'mixed_invalid.json'}"])  # fmt: skip
+    monkeypatch.setattr(medsft.rl.policy, "load_tokenizer", no_model)
+    monkeypatch.setattr(medsft.rl.policy, "load_model", no_model)
+    cfg = compose_config("stage=rl", "rl=grpo", "model=tiny_random", "logging=none", f"output_dir={tmp_path / 'ckpts'}",
+                         f"rl.data.path={FIX / 'mixed_invalid.json'}")
     with pytest.raises(DataError, match="6 of 10 records invalid") as err:
         run(cfg, tmp_path / "run")
     assert err.value.exit_code == 3

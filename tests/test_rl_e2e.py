@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from medsft.errors import ConfigError
-from medsft.train.metrics import read_metrics as read_jsonl
+from medsft.outputs import read_records as read_jsonl
 
 FIX = Path(__file__).parent / "fixtures" / "rl"
 sys.path.insert(0, str(FIX))

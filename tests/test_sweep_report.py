@@ -227,17 +227,13 @@ def test_each_job_gets_its_own_checkpoint_root(tmp_path: Path):
 
 def _multirun_hydra(sweep: Path, job_dir: Path, overrides: list[str]):
     """Set HydraConfig as Hydra does inside a multirun job."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import open_dict, read_write
 
-    from medsft.config import register_configs
+    from medsft.config import compose
 
-    register_configs()
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    cfg = compose(overrides, return_hydra_config=True)
     with read_write(cfg.hydra), open_dict(cfg.hydra):
         cfg.hydra.sweep.dir = str(sweep)
         cfg.hydra.runtime.output_dir = str(job_dir)

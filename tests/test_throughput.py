@@ -12,10 +12,11 @@ import torch
 
 from medsft.data.collate import SFTCollator
 from medsft.data.packing import PackedCollator
-from medsft.train import attention
-from medsft.train.flops import ModelFlops, device_peak_flops, mfu, peak_flops
-from medsft.train.kernels import Kernels, chunked_token_loss_sums, forward_loss_sums, setup_kernels
-from medsft.train.metrics import MetricWindow, token_loss_sums
+from medsft.compute import attention
+from medsft.compute.flops import ModelFlops, device_peak_flops, mfu, peak_flops
+from medsft.compute.kernels import Kernels, chunked_token_loss_sums, forward_loss_sums, setup_kernels
+from medsft.compute.kernels import token_loss_sums
+from medsft.train.metrics import MetricWindow
 
 # ------------------------------------------------------------------------------------ chunked cross-entropy
 
@@ -102,11 +103,9 @@ def test_forward_loss_sums_chunked_equals_dense_on_the_model(tiny_model, packed)
 
 
 def _model_cfg(**values):
-    from omegaconf import OmegaConf
+    from medsft.config import compose
 
-    from medsft.config import ModelConfig
-
-    cfg = OmegaConf.structured(ModelConfig)
+    cfg = compose(["~experiment", "model=tiny_random"]).model  # conf/'s model defaults (what the `compose_config` fixture gives)
     for key, value in values.items():
         cfg[key] = value
     return cfg
@@ -186,7 +185,7 @@ def test_metric_window_reports_padding_efficiency_and_mfu():
 def test_packed_run_with_chunked_loss_and_validation(tmp_path):
     from train_utils import train_in_process
 
-    from medsft.train.metrics import read_metrics
+    from medsft.outputs import read_records as read_metrics
 
     objective, run_dir = train_in_process(tmp_path, "data.packing=true", "model.use_liger_kernel=true",
                                           "train.max_steps=2", "train.train_bsz_per_gpu=1",

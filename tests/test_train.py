@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from medsft.train import checkpoint as ckpt
-from medsft.train.metrics import read_metrics, token_loss_sums
+from medsft.compute.kernels import token_loss_sums
+from medsft.outputs import read_records as read_metrics
 from train_utils import ROOT, compose_cfg, launch, reset_accelerate, tiny_overrides, train_in_process
 
 
@@ -58,7 +59,7 @@ def _first_step(tmp_path, name, *extra):
     return _records(run_dir, "train")[0]
 
 
-def test_loss_is_the_token_mean_of_the_whole_step(tmp_path):
+def test_loss_is_the_token_mean_of_the_whole_step(compose_config, tmp_path):
     """Two micro-batches of one example each must give the loss and gradient of one batch of two."""
     # A briefly trained model, so examples differ in per-token loss (a random one is uniform everywhere).
     train_in_process(tmp_path / "warm", "train.n_epochs=2", "data.val_ratio=0")
@@ -80,10 +81,10 @@ def test_loss_is_the_token_mean_of_the_whole_step(tmp_path):
     from medsft.data.collate import SFTCollator
     from medsft.data.dataset import build_sft_data
     from medsft.models import load_model, load_tokenizer
-    from medsft.train.batches import rank_micro_batches
-    from medsft.train.optim import StepPlan
+    from medsft.data.order import rank_micro_batches
+    from medsft.data.order import StepPlan
 
-    cfg = compose_cfg(tiny_overrides(tmp_path, *common, "data.val_ratio=0", "train.train_bsz_per_gpu=2"))
+    cfg = compose_config(*tiny_overrides(tmp_path, *common, "data.val_ratio=0", "train.train_bsz_per_gpu=2"))
     tokenizer = load_tokenizer(cfg.model)
     data = build_sft_data(cfg.data, tokenizer, seed=cfg.seed)
     plan = StepPlan(len(data.train), 2, 1, 1, 1)
@@ -124,14 +125,14 @@ def test_checkpoints_rotate_and_only_complete_ones_count(tmp_path):
     assert ckpt.latest_complete_checkpoint(root) == complete[-1]
 
 
-def test_checkpoint_reloads_with_identical_logits(tmp_path):
+def test_checkpoint_reloads_with_identical_logits(compose_config, tmp_path):
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from medsft.models import load_model, load_tokenizer
 
     reset_accelerate()
-    cfg = compose_cfg(tiny_overrides(tmp_path))
+    cfg = compose_config(*tiny_overrides(tmp_path))
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=torch.float32)
     with torch.no_grad():  # move away from the saved random init so the test sees trained weights
@@ -152,11 +153,11 @@ def test_checkpoint_reloads_with_identical_logits(tmp_path):
     reset_accelerate()
 
 
-def test_gradient_checkpointing_is_really_enabled(tmp_path):
+def test_gradient_checkpointing_is_really_enabled(compose_config, tmp_path):
     from medsft.train.loop import _cleanup, setup
 
     reset_accelerate()
-    cfg = compose_cfg(tiny_overrides(tmp_path, "model.gradient_checkpointing=true"))
+    cfg = compose_config(*tiny_overrides(tmp_path, "model.gradient_checkpointing=true"))
     ctx = setup(cfg, tmp_path)
     try:
         unwrapped = ctx.accelerator.unwrap_model(ctx.model)
@@ -245,7 +246,7 @@ def test_bad_data_fails_cleanly_and_writes_no_checkpoint(tmp_path):
 
 
 def test_each_checkpoint_gets_a_small_benchmark_eval(tmp_path):
-    from medsft.eval.benchmarks import shared_data_dir
+    from medsft.paths import shared_data_dir
 
     shared = shared_data_dir() / "headqa_es"
     if not shared.is_dir():
@@ -259,7 +260,7 @@ def test_each_checkpoint_gets_a_small_benchmark_eval(tmp_path):
 
 
 def test_non_finite_gradients_from_a_finite_loss_skip_the_step(tmp_path, monkeypatch):
-    from medsft.train import faults
+    from medsft.testing import faults
 
     monkeypatch.setenv(faults.ENV, "nan_grad_at_steps=2")
     _, run_dir = train_in_process(tmp_path, "train.max_steps=4", "train.train_bsz_per_gpu=2")

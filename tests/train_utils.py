@@ -6,13 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from medsft.config import register_configs
+from medsft.config import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-register_configs()
 
 
 def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:
@@ -38,8 +35,8 @@ def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    """The composed training config (medsft.config.compose, what the `compose_config` fixture calls)."""
+    return compose(overrides)
 
 
 def reset_accelerate() -> None:

@@ -11,6 +11,7 @@ Order of operations (all seeded, so every rank of a distributed run builds the s
 
 Cache: one .npz per (file content, selected records, tokenizer, chat template, response template, system
 prompt, field map, format version) under data.cache_dir, else $MEDSFT_CACHE/data, else ~/.cache/medsft/data.
+`data_cfg` everywhere here is the typed `data` node (medsft.config.schema.DataConfig, values from conf/data/).
 It holds the token ids of each rendered conversation with its prompt length and loss end, i.e. everything
 before the length policy: max_seq_len and overlong are applied after loading (a few ms), so changing them, the
 seed's split, or val_ratio reuses the same tokenization. Written atomically (temp file + rename), so
@@ -33,12 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from importlib.metadata import version
+
 import numpy as np
+from tqdm.auto import tqdm
 
 from medsft.data.records import LoadReport, Record, load_records, records_key
 from medsft.data.render import Rendered, apply_length_policy, ensure_chat_template, render_records
-from medsft.data.templates import DEFAULT_RESPONSE_TEMPLATE
 from medsft.errors import DataError
+from medsft.paths import cache_home, in_project
 
 log = logging.getLogger(__name__)
 
@@ -56,36 +60,22 @@ class SFTData:
     report: Optional[LoadReport] = None  # the training file's load report
 
 
-def repo_root() -> Path:
-    import medsft
-
-    return Path(medsft.__file__).resolve().parents[1]
-
-
 def resolve_data_path(path: Any, what: str = "data.path") -> str:
-    """A data path as given (relative to the cwd), else relative to the repository (bundled data)."""
+    """A data path as given (relative to the cwd), else relative to the project (bundled data)."""
     if path is None or str(path) in ("", "???"):
         raise DataError(f"{what} is not set; pass {what}=/path/to/records.json (or .jsonl)")
-    p = Path(os.path.expanduser(str(path)))
-    if p.exists() or p.is_absolute():
-        return str(p)
-    alt = repo_root() / p
-    return str(alt) if alt.exists() else str(p)
+    return str(in_project(path))
 
 
-def cache_root(data_cfg: Any = None) -> Path:
-    configured = getattr(data_cfg, "cache_dir", None) if data_cfg is not None else None
-    if configured:
-        return Path(os.path.expanduser(str(configured)))
-    base = os.environ.get("MEDSFT_CACHE")
-    return (Path(os.path.expanduser(base)) if base else Path.home() / ".cache" / "medsft") / "data"
+def cache_root(data_cfg: Any) -> Path:
+    """Where tokenized data is cached: data.cache_dir, else $MEDSFT_CACHE/data (or ~/.cache/medsft/data)."""
+    if data_cfg.cache_dir:
+        return Path(os.path.expanduser(str(data_cfg.cache_dir)))
+    return cache_home() / "data"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Identity of a tokenizer for cache keys: name, full vocabulary/merges/normalizer, chat template, specials."""
-    import tokenizers
-    import transformers
-
     h = hashlib.blake2b(digest_size=16)
     h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -95,22 +85,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(json.dumps(getattr(tokenizer, "chat_template", None), sort_keys=True, default=str).encode())
     h.update(json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str).encode())
-    h.update(f"{transformers.__version__}/{tokenizers.__version__}".encode())
+    h.update(f"{version('transformers')}/{version('tokenizers')}".encode())
     return h.hexdigest()
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
-def _fields(cfg: Any) -> dict:
-    f = _get(cfg, "fields")
-    if f is None:
-        return {"question": "Pregunta", "reasoning": "Razonamiento_Complejo", "response": "Respuesta",
-                "source": "Archivo_fuente"}
-    return {k: _get(f, k) for k in ("question", "reasoning", "response", "source")}
+def _fields(data_cfg: Any) -> dict:
+    return {k: data_cfg.fields[k] for k in ("question", "reasoning", "response", "source")}
 
 
 def _cache_key(report: LoadReport, records: Sequence[Record], tok_fp: str, cfg: Any) -> str:
@@ -120,8 +100,8 @@ def _cache_key(report: LoadReport, records: Sequence[Record], tok_fp: str, cfg: 
         "selection": records_key(records),
         "n": len(records),
         "tokenizer": tok_fp,
-        "response_template": _get(cfg, "response_template") or DEFAULT_RESPONSE_TEMPLATE,
-        "system_prompt": _get(cfg, "system_prompt"),
+        "response_template": cfg.response_template,
+        "system_prompt": cfg.system_prompt,
         "fields": _fields(cfg),
     }
     return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
@@ -183,10 +163,7 @@ def _gc_paused():
 def _render_all(
     tokenizer: Any, records: Sequence[Record], cfg: Any, desc: str, progress: Optional[bool]
 ) -> list[Rendered]:
-    from tqdm.auto import tqdm
-
-    template = _get(cfg, "response_template") or DEFAULT_RESPONSE_TEMPLATE
-    system_prompt = _get(cfg, "system_prompt")
+    template, system_prompt = cfg.response_template, cfg.system_prompt
     out: list[Rendered] = []
     disable = None if progress is None else not progress
     with tqdm(total=len(records), desc=desc, unit="rec", disable=disable, leave=False) as bar:
@@ -278,21 +255,19 @@ def build_sft_data(
     """
     t0 = time.perf_counter()
     ensure_chat_template(tokenizer)
-    fields = _fields(data_cfg)
-    on_invalid = _get(data_cfg, "on_invalid", "error")
-    fmt = _get(data_cfg, "format", "auto") or "auto"
-    max_len = int(_get(data_cfg, "max_seq_len", 8192))
-    overlong = _get(data_cfg, "overlong", "drop")
+    fields = data_cfg.fields
+    on_invalid, fmt = data_cfg.on_invalid, data_cfg.format
+    max_len, overlong = int(data_cfg.max_seq_len), data_cfg.overlong
     if overlong not in ("drop", "truncate", "error"):
         raise DataError(f"data.overlong={overlong!r} is not one of ['drop', 'truncate', 'error']")
-    path = resolve_data_path(_get(data_cfg, "path"))
+    path = resolve_data_path(data_cfg.path)
     records, report = load_records(path, fields, on_invalid=on_invalid, fmt=fmt)
     log.info("%s", report.summary())
 
     order = list(records)
-    if _get(data_cfg, "shuffle", True):
+    if data_cfg.shuffle:
         random.Random(seed).shuffle(order)
-    cap = max_samples if max_samples is not None else _get(data_cfg, "max_samples", 0)
+    cap = max_samples if max_samples is not None else data_cfg.max_samples
     if cap and cap > 0:
         order = order[:cap]
 
@@ -306,8 +281,8 @@ def build_sft_data(
         "content_hash": report.content_hash,
         "selected": len(order),
     }
-    val_path = _get(data_cfg, "val_path")
-    val_ratio = float(_get(data_cfg, "val_ratio", 0.0) or 0.0)
+    val_path = data_cfg.val_path
+    val_ratio = float(data_cfg.val_ratio)
     val_records: list[Record] = []
     val_report = None
     if val_path:

@@ -12,13 +12,13 @@ next (TRL #3067, LLaMA-Factory #8277). Here neither can happen:
 * The label of every example's FIRST token is -100. Losses are taken on `labels[:, 1:]` from logits[:, :-1],
   so that is exactly the target the previous example's last token would predict; an example's own first
   token is never a target anyway (nothing precedes it inside the example).
-* Attention is block-diagonal by construction (`medsft.train.attention`): per-example causal sdpa on CPU,
+* Attention is block-diagonal by construction (`medsft.compute.attention`): per-example causal sdpa on CPU,
   flash-attention varlen or a flex document mask on GPU. Tests check that per-example losses and gradients
   equal those of the examples run alone.
 
 The packer is best-fit decreasing (examples longest first, each into the fullest row that still has room),
 deterministic given the seed (which only orders examples of equal length). It runs once per run; the data order
-(`medsft.train.batches.packed_micro_batches`) shuffles the rows per epoch, so the order stays a pure function of
+(`medsft.data.order.packed_micro_batches`) shuffles the rows per epoch, so the order stays a pure function of
 (seed, epoch, world, rank) and a resume lands on the same rows.
 """
 

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import logging
 import re
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
+
+from tokenizers import AddedToken
 
 from medsft.data.records import Record
 from medsft.data.templates import DEFAULT_RESPONSE_TEMPLATE, LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS
@@ -52,8 +55,6 @@ def ensure_chat_template(tokenizer: Any) -> bool:
     vocab = tokenizer.get_vocab()
     missing = [t for t in needed if t not in vocab]
     if missing:
-        from tokenizers import AddedToken
-
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     if name not in _TOLD:
@@ -83,7 +84,7 @@ def format_response(template: str, reasoning: str, response: str) -> str:
     Surrounding whitespace is stripped (the Llama-3 template trims message content anyway).
     """
     values = {"{reasoning}": reasoning, "{response}": response}
-    return _PLACEHOLDER.sub(lambda m: values[m.group(0)], template or DEFAULT_RESPONSE_TEMPLATE).strip()
+    return _PLACEHOLDER.sub(lambda m: values[m.group(0)], template).strip()
 
 
 def _render_texts(tokenizer: Any, convs: list[list[dict]], generation_prompt: bool) -> list[str]:
@@ -126,8 +127,8 @@ def _special_ids(tokenizer: Any) -> set[int]:
 def render_records(
     tokenizer: Any,
     records: Sequence[Record],
-    response_template: str = DEFAULT_RESPONSE_TEMPLATE,
-    system_prompt: Optional[str] = None,
+    response_template: str,
+    system_prompt: Optional[str],
     exact_prompts: bool = False,
 ) -> list[Rendered]:
     """Render and tokenize a batch of records (batched tokenizer calls); DataError names the record.
@@ -182,8 +183,6 @@ def _derive_prompt_ids(
     distinct piece. The first record of each batch is also tokenized in full as a check of that premise for
     this tokenizer; if it fails, every prompt is tokenized on its own. Saves ~15-25% of tokenization.
     """
-    from bisect import bisect_left
-
     out: list[Optional[list[int]]] = [None] * len(prompt_texts)
     pieces: dict[str, list[int]] = {}
     for i, (p_text, f_text, ids, offs) in enumerate(zip(prompt_texts, full_texts, full_ids, full_offsets)):
@@ -305,29 +304,14 @@ def apply_length_policy(r: Rendered, max_seq_len: int, overlong: str, rec: Optio
     return PolicyResult({"input_ids": ids, "labels": labels}, "truncated")
 
 
-def _cfg(data_cfg: Any, key: str, default: Any) -> Any:
-    if data_cfg is None:
-        return default
-    if isinstance(data_cfg, dict):
-        return data_cfg.get(key, default)
-    value = getattr(data_cfg, key, default)
-    return default if value is None and default is not None else value
-
-
-def render_example(tokenizer: Any, record: Record, data_cfg: Any = None) -> Optional[dict]:
+def render_example(tokenizer: Any, record: Record, data_cfg: Any) -> Optional[dict]:
     """One record -> {"input_ids", "labels"} under data_cfg's template, system prompt and length policy.
 
     Returns None when data.overlong=drop drops it; raises DataError (naming file and record) on a template
     that cannot be masked, or when data.overlong=error and it is too long.
     """
-    rendered = render_records(
-        tokenizer,
-        [record],
-        _cfg(data_cfg, "response_template", DEFAULT_RESPONSE_TEMPLATE),
-        _cfg(data_cfg, "system_prompt", None),
-    )[0]
-    max_len = _cfg(data_cfg, "max_seq_len", 8192)
-    return apply_length_policy(rendered, max_len, _cfg(data_cfg, "overlong", "drop"), record).example
+    rendered = render_records(tokenizer, [record], data_cfg.response_template, data_cfg.system_prompt)[0]
+    return apply_length_policy(rendered, data_cfg.max_seq_len, data_cfg.overlong, record).example
 
 
 def end_of_turn_ids(tokenizer: Any, system_prompt: Optional[str] = None) -> list[int]:
@@ -335,6 +319,6 @@ def end_of_turn_ids(tokenizer: Any, system_prompt: Optional[str] = None) -> list
 
     Pass them (with eos_token_id) as stop tokens to `generate`: the model is trained to emit them.
     """
-    rec = Record("q", "r", "a", None, 0, None, "<end_of_turn probe>")
+    rec = Record("q", "r", "a", None, 0, None, "<end_of_turn probe>")  # any content: the closing token is the same
     r = render_records(tokenizer, [rec], DEFAULT_RESPONSE_TEMPLATE, system_prompt)[0]
     return [r.ids[r.loss_end - 1]]

@@ -6,7 +6,9 @@ The response layout is HuatuoGPT-o1's, so its models and scorers stay compatible
 THINKING_HEADER = "## Thinking"
 FINAL_RESPONSE_HEADER = "## Final Response"
 
-DEFAULT_RESPONSE_TEMPLATE = "## Thinking\n\n{reasoning}\n\n## Final Response\n\n{response}"
+# The layout itself, for code that needs it whatever the config says (the end-of-turn probe, benchmarks). The
+# config's default (conf/data/base.yaml, data.response_template) is this string; a test keeps the two equal.
+DEFAULT_RESPONSE_TEMPLATE = f"{THINKING_HEADER}\n\n{{reasoning}}\n\n{FINAL_RESPONSE_HEADER}\n\n{{response}}"
 
 # Llama-3 instruct template, assigned to tokenizers that ship none. The {% generation %} markers let
 # apply_chat_template(..., return_assistant_tokens_mask=True) report the assistant span.

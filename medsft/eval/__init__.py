@@ -4,8 +4,8 @@
 
 Modules: benchmarks (loaders -> EvalItem), generate (batched generation), format (## Thinking / ## Final
 Response compliance), extract (what the model answered), compat (HuatuoGPT-o1's optimistic scorer), scorer,
-report, runner (evaluate_benchmark for the training loop; run_evaluation for the CLI), cli, config.
-Heavy imports (torch, transformers) happen only in generate/runner.
+report, runner (evaluate_benchmark for the training loop; run_evaluation for the CLI), config (the composed
+`medsft eval` config). The command itself is medsft/cli/eval.py. torch and transformers only in generate/runner.
 """
 
 from medsft.eval.format import FormatCheck, check_format, compliance_rate

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import medsft
 from medsft.errors import ConfigError, DataError
+from medsft.paths import REPO_ROOT
 
 LETTERS = "ABCDEFGHIJKLMN"
 
@@ -88,22 +88,10 @@ class Benchmark:
 # ------------------------------------------------------------------------------------------ data paths
 
 
-def shared_data_dir() -> Path:
-    """`../shared/data` next to the project (env MEDSFT_SHARED_DATA overrides)."""
-    env = os.environ.get("MEDSFT_SHARED_DATA")
-    if env:
-        return Path(env).expanduser()
-    return Path(medsft.__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def project_root() -> Path:
-    return Path(medsft.__file__).resolve().parents[1]
-
-
 def resolve_data_path(path: str | os.PathLike, kind: str) -> Path:
     """A config path: absolute, or relative to the working directory, else to the project root."""
     p = Path(os.path.expandvars(str(path))).expanduser()
-    candidates = [p] if p.is_absolute() else [Path.cwd() / p, project_root() / p]
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]
     for c in candidates:
         if c.exists():
             return c.resolve()

@@ -12,13 +12,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
+from medsft.data.render import end_of_turn_ids, prompt_ids
 from medsft.errors import ConfigError
 from medsft.eval.format import check_format
 
@@ -70,8 +74,6 @@ def stop_token_ids(tokenizer: Any, model: Any = None, system_prompt: Optional[st
     gen_cfg = getattr(model, "generation_config", None) if model is not None else None
     add(getattr(gen_cfg, "eos_token_id", None))
     try:
-        from medsft.data.render import end_of_turn_ids
-
         add(end_of_turn_ids(tokenizer, system_prompt))
     except Exception as err:  # a template that cannot render a probe still has eos
         log.debug("no end-of-turn token from the chat template: %s", err)
@@ -83,16 +85,10 @@ def stop_token_ids(tokenizer: Any, model: Any = None, system_prompt: Optional[st
 
 
 def encode_prompts(tokenizer: Any, questions: Sequence[str], system_prompt: Optional[str] = None) -> list[list[int]]:
-    from medsft.data.render import prompt_ids
-
     return [prompt_ids(tokenizer, q, system_prompt) for q in questions]
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
     return tqdm(total=total, disable=not enabled, desc=desc, unit="q", dynamic_ncols=True, leave=False)
 
 
@@ -114,8 +110,6 @@ def generate_batch(
     """Generate one answer per question with the transformers backend; see the module doc."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ConfigError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be >= 1")
-    from transformers import GenerationConfig
-
     bare = unwrap_model(model)
     stops = stop_token_ids(tokenizer, bare, system_prompt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -214,8 +208,6 @@ def summarize_generations(texts: list[str], tokenizer: Any = None) -> dict:
 
 
 def vllm_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("vllm") is not None
 
 
@@ -241,7 +233,7 @@ def generate_vllm(
             "eval.backend=vllm needs the vllm package (`pip install vllm`, CUDA GPU); it is not installed here. "
             "Use eval.backend=transformers (the default), which works everywhere."
         )
-    from vllm import LLM, SamplingParams  # type: ignore[import-not-found]
+    from vllm import LLM, SamplingParams  # type: ignore[import-not-found]  # optional, GPU only
 
     prompts = encode_prompts(tokenizer, questions, system_prompt)
     stops = stop_token_ids(tokenizer, None, system_prompt)

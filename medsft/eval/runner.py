@@ -6,6 +6,7 @@ checkpoint (on the bare, unwrapped model); `run_evaluation` is what `medsft eval
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from datetime import datetime
@@ -15,66 +16,55 @@ from typing import Any, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from medsft.data.render import ensure_chat_template
+from medsft.errors import ConfigError
 from medsft.eval.benchmarks import Benchmark, EvalItem, load_benchmarks
 from medsft.eval.compat import COMPAT_LABEL
-from medsft.eval.generate import GenerationResult, generate_batch, generate_vllm
+from medsft.eval.generate import GenerationResult, generate_batch, generate_vllm, vllm_available
 from medsft.eval.report import append_predictions, render_markdown, write_summary
 from medsft.eval.scorer import score_items
+from medsft.models import load_model_and_tokenizer, load_tokenizer, resolve_model_dir, torch_dtype
 
 log = logging.getLogger(__name__)
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        value = cfg.get(key, default)
-    elif isinstance(cfg, DictConfig):
-        value = OmegaConf.select(cfg, key, default=default)
-    else:
-        value = getattr(cfg, key, default)
-    return default if value is None else value
+def item_prompts(items: Sequence[EvalItem], eval_cfg: DictConfig) -> list[str]:
+    return [it.prompt(eval_cfg.prompt_template) for it in items]
 
 
-def item_prompts(items: Sequence[EvalItem], cfg: Any = None) -> list[str]:
-    template = _get(cfg, "prompt_template", None)
-    return [it.prompt(template) for it in items]
-
-
-def generate_for_items(model: Any, tokenizer: Any, items: Sequence[EvalItem], cfg: Any, desc: str = "eval") -> GenerationResult:
-    """Answers to `items` with the transformers backend and cfg's decoding settings."""
+def generate_for_items(model: Any, tokenizer: Any, items: Sequence[EvalItem], eval_cfg: DictConfig,
+                       desc: str = "eval") -> GenerationResult:
+    """Answers to `items` with the transformers backend and the `eval` node's decoding settings."""
     return generate_batch(
         model,
         tokenizer,
-        item_prompts(items, cfg),
-        max_new_tokens=int(_get(cfg, "max_new_tokens", 512)),
-        batch_size=int(_get(cfg, "batch_size", 8)),
-        system_prompt=_get(cfg, "system_prompt", None),
-        do_sample=bool(_get(cfg, "do_sample", False)),
-        temperature=float(_get(cfg, "temperature", 0.6)),
-        top_p=float(_get(cfg, "top_p", 0.9)),
-        progress=bool(_get(cfg, "progress", False)),
-        seed=_get(cfg, "seed", None),
+        item_prompts(items, eval_cfg),
+        max_new_tokens=int(eval_cfg.max_new_tokens),
+        batch_size=int(eval_cfg.batch_size),
+        system_prompt=eval_cfg.system_prompt,
+        do_sample=bool(eval_cfg.do_sample),
+        temperature=float(eval_cfg.temperature),
+        top_p=float(eval_cfg.top_p),
+        progress=bool(eval_cfg.progress),
+        seed=eval_cfg.seed,
         desc=desc,
-        repetition_penalty=float(_get(cfg, "repetition_penalty", 1.0)),
+        repetition_penalty=float(eval_cfg.repetition_penalty),
     )
 
 
-def evaluate_benchmark(model: Any, tokenizer: Any, items: Sequence[EvalItem], cfg: Any = None) -> dict:
+def evaluate_benchmark(model: Any, tokenizer: Any, items: Sequence[EvalItem], eval_cfg: DictConfig) -> dict:
     """Generate answers to `items` and return the summary metrics (no files written).
 
     For the training loop's generation eval: works on the bare model in-process (a wrapped model is
-    unwrapped; train/eval mode is restored). `cfg` is an `eval` node / EvalConfig / dict with max_new_tokens,
-    batch_size, do_sample, temperature, top_p, system_prompt, prompt_template, compat_huatuo (defaults apply).
+    unwrapped; train/eval mode is restored). `eval_cfg` is a composed `eval` node (medsft.eval.config).
     Returns n, accuracy, n_correct, unparsed, unparsed_rate, format_compliance, mean_output_chars,
     mean_output_tokens, truncated_rate, extraction_methods, seconds, tokens_per_second (and compat_huatuo).
     """
     if not items:
         return {"n": 0, "accuracy": 0.0, "unparsed_rate": 0.0, "format_compliance": 0.0}
-    gen = generate_for_items(model, tokenizer, items, cfg)
+    gen = generate_for_items(model, tokenizer, items, eval_cfg)
     _, metrics = score_items(
-        items, gen.texts, new_tokens=gen.new_tokens, truncated=gen.truncated,
-        compat=bool(_get(cfg, "compat_huatuo", False)),
+        items, gen.texts, new_tokens=gen.new_tokens, truncated=gen.truncated, compat=bool(eval_cfg.compat_huatuo),
     )
     metrics["seconds"] = gen.seconds
     metrics["tokens_per_second"] = gen.tokens_per_second
@@ -84,44 +74,30 @@ def evaluate_benchmark(model: Any, tokenizer: Any, items: Sequence[EvalItem], cf
 # -------------------------------------------------------------------------------------------- medsft eval
 
 
-def model_label(model_cfg: Any) -> str:
+def model_label(model_cfg: DictConfig) -> str:
     """A short name for output folders: model.name, or the checkpoint folder when model.path is one."""
-    path = str(_get(model_cfg, "path", ""))
+    path = str(model_cfg.path or "")
     p = Path(path).expanduser()
     if path and p.is_dir():
         parts = p.resolve().parts
         label = "_".join(parts[-2:]) if len(parts) >= 2 else p.name
     else:
-        label = str(_get(model_cfg, "name", "model"))
+        label = str(model_cfg.name or "model")
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
 def _device(cfg_device: str) -> torch.device:
     if cfg_device == "cuda" or (cfg_device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from medsft.errors import ConfigError
-
             raise ConfigError("eval.device=cuda but no CUDA device is available; use eval.device=auto or cpu")
         return torch.device("cuda")
     return torch.device("cpu")
 
 
-def _dtype(model_dtype: str, device: torch.device) -> torch.dtype:
-    explicit = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if model_dtype in explicit:
-        return explicit[model_dtype]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def load_for_eval(model_cfg: Any, device: torch.device) -> tuple[Any, Any]:
+def load_for_eval(model_cfg: DictConfig, device: torch.device) -> tuple[Any, Any]:
     """(model on device, in eval mode; tokenizer with a chat template), embeddings resized if the template
     assignment added tokens."""
-    from medsft.data.render import ensure_chat_template
-    from medsft.models import load_model_and_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer(model_cfg, dtype=_dtype(str(_get(model_cfg, "dtype", "auto")), device))
+    model, tokenizer = load_model_and_tokenizer(model_cfg, dtype=torch_dtype(model_cfg.dtype, inference_device=device))
     ensure_chat_template(tokenizer)
     emb = model.get_input_embeddings()
     if emb is not None and len(tokenizer) > emb.num_embeddings:
@@ -154,8 +130,6 @@ def _overall(per_bench: dict) -> dict:
 
 def run_evaluation(cfg: DictConfig, out_dir: Optional[str | Path] = None) -> Path:
     """`medsft eval`: the composed config (model + eval) -> output folder with the three files."""
-    from medsft.models import load_tokenizer, resolve_model_dir
-
     e = cfg.eval
     benches: list[Benchmark] = load_benchmarks(e)  # before the model: a missing file fails fast
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
@@ -167,10 +141,6 @@ def run_evaluation(cfg: DictConfig, out_dir: Optional[str | Path] = None) -> Pat
     device = _device(e.device)
     t0 = time.perf_counter()
     if e.backend == "vllm":
-        from medsft.data.render import ensure_chat_template
-        from medsft.eval.generate import vllm_available
-        from medsft.errors import ConfigError
-
         if not vllm_available():
             raise ConfigError(
                 "eval.backend=vllm needs the vllm package (`pip install vllm`, CUDA GPU), which is not installed; "
@@ -235,20 +205,15 @@ def run_evaluation(cfg: DictConfig, out_dir: Optional[str | Path] = None) -> Pat
 
 
 def print_summary(out_dir: Path) -> None:
-    import json
-
     summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
     print(render_markdown(summary))
 
 
-def load_preset_items(preset: str = "headqa_es", limit: int = 50, overrides: Sequence[str] = ()) -> list[EvalItem]:
-    """Items of a `conf/eval/<preset>.yaml` benchmark (all its benchmarks concatenated, `limit` per benchmark,
-    seeded): what the training loop feeds `evaluate_benchmark` for a small generation eval per checkpoint.
+def load_preset_items(eval_cfg: DictConfig) -> list[EvalItem]:
+    """Items of a composed `eval` node's benchmarks (all concatenated, eval.limit per benchmark, seeded): what
+    the training loop feeds `evaluate_benchmark` for a small generation eval per checkpoint.
 
-        items = load_preset_items("headqa_es", limit=50)
-        metrics = evaluate_benchmark(model, tokenizer, items, {"max_new_tokens": 512, "batch_size": 8})
+        eval_cfg = compose_eval_config(["eval=headqa_es", "eval.limit=50", "eval.max_new_tokens=512"]).eval
+        metrics = evaluate_benchmark(model, tokenizer, load_preset_items(eval_cfg), eval_cfg)
     """
-    from medsft.eval.cli import compose_eval_config
-
-    cfg = compose_eval_config([f"eval={preset}", f"eval.limit={int(limit)}", *overrides])
-    return [it for bench in load_benchmarks(cfg.eval) for it in bench.items]
+    return [it for bench in load_benchmarks(eval_cfg) for it in bench.items]

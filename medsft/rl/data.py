@@ -25,8 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from datasets import Dataset
+
 from medsft.data.records import _listing, _type_name, read_raw
+from medsft.data.render import build_messages, ensure_chat_template
 from medsft.errors import DataError
+from medsft.paths import in_project
 from medsft.eval.benchmarks import PROMPT_TEMPLATES, EvalItem
 
 log = logging.getLogger(__name__)
@@ -79,16 +83,6 @@ class RLData:
 
 def _kind(value: Any) -> str:
     return "a string" if isinstance(value, str) else _type_name(value)
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        value = cfg.get(key, default)
-    else:
-        value = getattr(cfg, key, default)
-    return default if value is None else value
 
 
 def _text_field(value: dict, name: str, errs: list[str]) -> Optional[str]:
@@ -165,11 +159,10 @@ def _record(
     value: Any, index: int, line: Optional[int], path: str, data_cfg: Any
 ) -> tuple[Optional[VerifiableQuestion], list[str]]:
     """One raw record -> (question, []) or (None, [problems])."""
-    fields = _get(data_cfg, "fields")
-    fq, fa = _get(fields, "question", "Pregunta_Verificable"), _get(fields, "answer", "Respuesta_Verdadera")
-    mq, mo = _get(fields, "mcq_question", "question"), _get(fields, "mcq_options", "options")
-    ma = _get(fields, "mcq_answer", "answer_idx")
-    kind = _get(data_cfg, "kind", "auto")
+    fields = data_cfg.fields
+    fq, fa = fields.question, fields.answer
+    mq, mo, ma = fields.mcq_question, fields.mcq_options, fields.mcq_answer
+    kind = data_cfg.kind
     if not isinstance(value, dict):
         return None, [f"is {_kind(value)}, expected an object"]
     errs: list[str] = []
@@ -190,16 +183,15 @@ def _record(
     gold = _gold(value, ma, opts, errs) if opts else None
     if errs:
         return None, errs
-    prompt, reference = mcq_to_question(q, opts, gold, _get(data_cfg, "language", "es"),
-                                        _get(data_cfg, "mcq_prompt_template"))  # fmt: skip
+    prompt, reference = mcq_to_question(q, opts, gold, data_cfg.language, data_cfg.mcq_prompt_template)
     return VerifiableQuestion(prompt, reference, "mcq", opts, gold, index, line, path), []
 
 
 def load_questions(path: str | os.PathLike, data_cfg: Any = None) -> tuple[list[VerifiableQuestion], list[str], int]:
     """Every record of `path` validated and mapped; (questions, invalid messages, total). DataError on error."""
     path = os.fspath(path)
-    on_invalid = _get(data_cfg, "on_invalid", "error")
-    items, problems, _, _ = read_raw(path, _get(data_cfg, "format", "auto"))
+    on_invalid = data_cfg.on_invalid
+    items, problems, _, _ = read_raw(path, data_cfg.format)
     questions, bad = [], []
     for index, (value, line) in enumerate(items):
         where = f"#{index}" + (f" (line {line})" if line is not None else "")
@@ -238,25 +230,20 @@ def split_eval(questions: list, eval_ratio: float, eval_max: int, seed: int) -> 
 
 def resolve_path(path: str | os.PathLike) -> str:
     """A data path: absolute, relative to the working directory, else to the project root."""
-    p = Path(os.path.expandvars(str(path))).expanduser()
-    if p.is_absolute() or p.exists():
-        return str(p)
-    root = Path(__file__).resolve().parents[2] / p
-    return str(root) if root.exists() else str(p)
+    return str(in_project(os.path.expandvars(str(path))))
 
 
 def load_rl_data(data_cfg: Any, seed: int = 42) -> RLData:
     """rl.data -> train / eval questions (seeded split unless rl.data.eval_path is set)."""
-    path = resolve_path(_get(data_cfg, "path"))
+    path = resolve_path(data_cfg.path)
     questions, bad, total = load_questions(path, data_cfg)
-    eval_path = _get(data_cfg, "eval_path")
+    eval_path = data_cfg.eval_path
     if eval_path:
         train = questions
         held, _, _ = load_questions(resolve_path(eval_path), data_cfg)
     else:
-        train, held = split_eval(questions, float(_get(data_cfg, "eval_ratio", 0.0)),
-                                 int(_get(data_cfg, "eval_max", 200)), seed)  # fmt: skip
-    max_samples = int(_get(data_cfg, "max_samples", 0))
+        train, held = split_eval(questions, float(data_cfg.eval_ratio), int(data_cfg.eval_max), seed)
+    max_samples = int(data_cfg.max_samples)
     if max_samples:
         train = train[:max_samples]
     kinds: dict[str, int] = {}
@@ -272,8 +259,6 @@ def filter_long_prompts(
 
     Lengths are those of `medsft.data.render.prompt_ids` (the SFT rendering), computed in batches.
     """
-    from medsft.data.render import build_messages, ensure_chat_template
-
     ensure_chat_template(tokenizer)
     kept, prompts, dropped = [], [], 0
     for start in range(0, len(questions), 512):
@@ -292,7 +277,6 @@ def filter_long_prompts(
 
 def to_dataset(questions: list[VerifiableQuestion], prompts: list[list[dict]]):
     """A `datasets.Dataset` with the columns TRL and the rewards read (prompt, reference, options, gold, ...)."""
-    from datasets import Dataset
 
     rows = [q.to_row(p) for q, p in zip(questions, prompts)]
     return Dataset.from_list(rows)

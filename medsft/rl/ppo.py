@@ -33,6 +33,8 @@ import os
 from typing import Any
 
 import torch
+from transformers import AutoModelForSequenceClassification
+from trl.trainer.utils import disable_dropout_in_model
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -106,8 +108,6 @@ def make_ppo_trainer_class(base: type) -> type:
             self.gamma, self.lam = float(ppo_cfg.gamma), float(ppo_cfg.lam)
             self.vf_coef, self.cliprange_value = float(ppo_cfg.vf_coef), float(ppo_cfg.cliprange_value)
             self.whiten_rewards = bool(ppo_cfg.whiten_rewards)
-            from trl.trainer.utils import disable_dropout_in_model
-
             disable_dropout_in_model(value_model)
             value_model.config.pad_token_id = self._tokenizer.pad_token_id
             self.value_model = value_model.to(self.accelerator.device).train()
@@ -229,8 +229,6 @@ def make_ppo_trainer_class(base: type) -> type:
             value_dir = os.path.join(checkpoint, "value_model")
             if not os.path.isdir(value_dir):
                 raise FileNotFoundError(f"{checkpoint}: no value_model/ (not a medsft PPO checkpoint)")
-            from transformers import AutoModelForSequenceClassification
-
             saved = AutoModelForSequenceClassification.from_pretrained(value_dir, dtype=self.value_model.dtype)
             self.value_model.load_state_dict(saved.state_dict())
             state = os.path.join(checkpoint, "value_optimizer.pt")

@@ -29,10 +29,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from medsft.errors import ConfigError
+from medsft.errors import ConfigError, ModelSourceError
 from medsft.eval.extract import extract_answer
 from medsft.eval.format import check_format
+from medsft.models import resolve_model_dir, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -294,17 +296,6 @@ def build_verifier_input(tokenizer: Any, response: str, reference: str, max_leng
     return text, True
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
 class ModelVerifierReward:
     """`model_verifier`: HuatuoGPT-o1's verifier reward with any sequence-classification checkpoint.
 
@@ -312,7 +303,6 @@ class ModelVerifierReward:
     non-padding token (transformers' sequence-classification convention); padding is on the right, with the
     verifier tokenizer's pad token (its eos when it has none, as TRL does).
     """
-
     def __init__(
         self,
         model: Any,
@@ -345,20 +335,14 @@ class ModelVerifierReward:
 
     @classmethod
     def from_config(cls, verifier_cfg: Any, device: torch.device | str = "cpu", trust_remote_code: bool = False):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from medsft.models import resolve_model_dir
-
         device = torch.device(device)
         path = resolve_model_dir(str(verifier_cfg.path))
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=resolve_dtype(verifier_cfg.dtype, device), trust_remote_code=trust_remote_code
+                path, dtype=torch_dtype(verifier_cfg.dtype, inference_device=device), trust_remote_code=trust_remote_code
             )
         except OSError as err:
-            from medsft.errors import ModelSourceError
-
             raise ModelSourceError(
                 f"rl.verifier.path={verifier_cfg.path}: cannot load a sequence-classification checkpoint ({err}). "
                 "Point it at a local directory (e.g. a downloaded FreedomIntelligence/medical_o1_verifier_3B), or "

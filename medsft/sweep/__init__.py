@@ -5,11 +5,16 @@
     python launch.py --multirun hydra/launcher=slurm hydra.launcher.partition=gpu ...   # SLURM (extra `sweep`)
     medsft sweep-report multirun_outputs/<date>/<time>
 
-Modules (all imports lazy; optuna and submitit are only needed by their presets):
+Modules (optuna and submitit are only needed by their presets, which Hydra imports itself):
     job.py        what runs inside each job: per-job checkpoint folder, final.json, failures recorded
     callbacks.py  the Hydra callback that writes the report at the end of a multirun and sets the exit code
     report.py     the table (report.md, report.csv) and the PNG plots of a sweep folder
 """
+
+import hashlib
+import re
+
+from omegaconf import OmegaConf
 
 FINAL_FILE = "final.json"
 CHECKPOINT_LINK = "checkpoints"
@@ -25,9 +30,6 @@ def job_dirname(override_dirname: str, max_len: int = MAX_DIRNAME) -> str:
     .hydra/overrides.yaml): `/` -> `_`; when longer than max_len bytes, long floats are shown with 4 significant
     digits, then keys by their last part (`optimizer.learning_rate` -> `learning_rate`), then the name is cut
     and a hash of the whole appended so it stays unique."""
-    import hashlib
-    import re
-
     def fits(text: str) -> bool:
         return len(text.encode("utf-8")) <= max_len
 
@@ -46,7 +48,5 @@ def job_dirname(override_dirname: str, max_len: int = MAX_DIRNAME) -> str:
 
 def register_resolvers() -> None:
     """`${medsft_dirname:${hydra.job.override_dirname}}` in conf/config.yaml's hydra.sweep.subdir."""
-    from omegaconf import OmegaConf
-
     if not OmegaConf.has_resolver("medsft_dirname"):
         OmegaConf.register_new_resolver("medsft_dirname", job_dirname)

@@ -16,16 +16,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from hydra.experimental.callback import Callback
+from medsft.sweep import FINAL_FILE
+from medsft.sweep.job import write_final
+from medsft.sweep.report import collect, write_report
 
 log = logging.getLogger("medsft.sweep")
 
 
 def _mode_is_multirun(config: DictConfig) -> bool:
-    from hydra.types import RunMode
-
     mode = OmegaConf.select(config, "hydra.mode", default=None)
     return mode == RunMode.MULTIRUN or str(mode).endswith("MULTIRUN")
 
@@ -38,13 +41,8 @@ class SweepCallback(Callback):
     # -------------------------------------------------------------------------------- per job (remote too)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        from hydra.core.utils import JobStatus
-
         if not _mode_is_multirun(config) or getattr(job_return, "status", None) != JobStatus.FAILED:
             return
-        from medsft.sweep import FINAL_FILE
-        from medsft.sweep.job import write_final
-
         job_dir = Path(str(OmegaConf.select(config, "hydra.runtime.output_dir")))
         if (job_dir / FINAL_FILE).is_file():
             return
@@ -65,19 +63,15 @@ class SweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
-        wanted = self.report and OmegaConf.select(config, "sweep.report", default=True) is not False
+        wanted = self.report and OmegaConf.select(config, "sweep.report") is not False  # absent: the callback's own
         failed: list[str] = []
         try:
-            from medsft.sweep.report import collect
-
             jobs = collect(sweep_dir)[0]
             failed = [f"job {j.num if j.num is not None else j.name}: {j.error}" for j in jobs if j.status == "failed"]
         except Exception as problem:  # noqa: BLE001
             log.warning("could not read the jobs of %s: %s", sweep_dir, problem)
         if wanted:
             try:
-                from medsft.sweep.report import write_report
-
                 report = write_report(sweep_dir)
                 best = report.best
                 print(f"\nmedsft: sweep report: {sweep_dir / 'report.md'} ({len(report.jobs)} jobs)", flush=True)

@@ -23,10 +23,15 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
+from accelerate.state import AcceleratorState, GradientState
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from medsft.errors import ConfigError, MedsftError
+from medsft.outputs import summary_of
 from medsft.sweep import CHECKPOINT_LINK, FINAL_FILE
+from medsft.sweep.report import write_report
 
 log = logging.getLogger("medsft.sweep")
 
@@ -35,20 +40,13 @@ CHECKPOINT_PLACES = ("output_dir", "job_dir")
 
 def is_multirun() -> bool:
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         return HydraConfig.get().mode == RunMode.MULTIRUN
-    except Exception:  # noqa: BLE001 - not under Hydra
+    except ValueError:  # not under Hydra
         return False
 
 
 def sweep_settings(cfg: DictConfig) -> dict:
-    defaults = {"continue_on_failure": True, "report": True, "checkpoints": "output_dir"}
-    found = OmegaConf.select(cfg, "sweep", default=None)
-    if found is not None:
-        defaults.update(OmegaConf.to_container(found, resolve=True))
-    return defaults
+    return OmegaConf.to_container(cfg.sweep, resolve=True)
 
 
 def sweep_id(sweep_dir: Path) -> str:
@@ -84,13 +82,6 @@ def _link_checkpoints(job_dir: Path, ckpt_root: Path) -> None:
         (job_dir / f"{CHECKPOINT_LINK}.txt").write_text(str(ckpt_root) + "\n", encoding="utf-8")
 
 
-def _summary(job_dir: Path) -> dict:
-    from medsft.sweep.report import _read_jsonl
-
-    summaries = [r for r in _read_jsonl(job_dir / "metrics.jsonl") if r.get("kind") == "summary"]
-    return {k: v for k, v in (summaries[-1] if summaries else {}).items() if k != "kind"}
-
-
 def write_final(job_dir: Path, record: dict) -> Path:
     path = Path(job_dir) / FINAL_FILE
     tmp = path.with_suffix(".json.tmp")
@@ -109,18 +100,14 @@ def _float_or_none(value) -> Optional[float]:
 def _reset_accelerate() -> None:
     """Jobs of the basic launcher share one process: forget the previous job's accelerate singletons."""
     try:
-        from accelerate.state import AcceleratorState, GradientState
-
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    except Exception:  # noqa: BLE001 - accelerate missing or changed: nothing to reset
+    except AttributeError:  # a private accelerate API: if it changed, there is nothing to reset
         pass
 
 
 def run_job(cfg: DictConfig, run_fn: Callable[[DictConfig, Path], Optional[float]]) -> Optional[float]:
     """Run one multirun job with `run_fn(cfg, job_dir)`; returns its objective, or None when it failed."""
-    from hydra.core.hydra_config import HydraConfig
-
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     sweep_dir = Path(hydra_cfg.sweep.dir)
@@ -151,7 +138,7 @@ def run_job(cfg: DictConfig, run_fn: Callable[[DictConfig, Path], Optional[float
             return _failed(err, job_dir, sweep_dir, record, started, settings)
     finally:
         _reset_accelerate()
-    summary = _summary(job_dir)
+    summary = summary_of(job_dir)
     objective = _float_or_none(objective if objective is not None else summary.get("objective"))
     write_final(job_dir, {
         "status": "completed",
@@ -201,8 +188,6 @@ def _failed(err: BaseException, job_dir: Path, sweep_dir: Path, record: dict, st
         print("medsft: sweep.continue_on_failure=false: stopping the sweep", file=sys.stderr, flush=True)
         if settings["report"]:
             try:
-                from medsft.sweep.report import write_report
-
                 write_report(sweep_dir)
             except Exception as problem:  # noqa: BLE001 - the job's own error matters more
                 log.warning("sweep report not written: %s", problem)

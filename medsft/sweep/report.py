@@ -1,6 +1,7 @@
 """Sweep report: every job of a multirun folder -> a table (markdown + CSV, best first) and PNG plots.
 
     medsft sweep-report multirun_outputs/<date>/<time> [--out DIR] [--direction minimize|maximize] [--no-plots]
+    (the command: medsft/cli/sweep_report.py)
 
 Writes into the sweep folder (or --out):
     report.md                       summary, the table, failures with their error, links to the plots
@@ -15,7 +16,6 @@ A job folder is any folder holding `.hydra/overrides.yaml`, `metrics.jsonl` or `
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, NullFormatter
+
 from medsft.errors import MedsftError
+from medsft.outputs import METRICS_FILE, last_summary, read_records
+from medsft.outputs import objective as run_objective
 from medsft.sweep import FINAL_FILE
 
 METRIC_COLUMNS = (
@@ -87,26 +94,6 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """Records of a metrics.jsonl; a line cut short by a killed job is skipped, not fatal."""
-    records = []
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict):
-                    records.append(record)
-    except FileNotFoundError:
-        pass
-    return records
-
-
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -116,8 +103,6 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_yaml(path: Path) -> Any:
-    import yaml
-
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, yaml.YAMLError):
@@ -150,7 +135,7 @@ def find_job_dirs(sweep_dir: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(sweep_dir, followlinks=False):
         here = Path(dirpath)
-        is_job = ((here / ".hydra" / "overrides.yaml").is_file() or "metrics.jsonl" in filenames
+        is_job = ((here / ".hydra" / "overrides.yaml").is_file() or METRICS_FILE in filenames
                   or FINAL_FILE in filenames)
         if is_job and here != sweep_dir:
             found.append(here)
@@ -159,7 +144,7 @@ def find_job_dirs(sweep_dir: Path) -> list[Path]:
         # Hydra's own folders, submitit's logs and checkpoint trees hold no jobs.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not d.startswith("checkpoint"))
     if not found and (
-        (sweep_dir / ".hydra" / "overrides.yaml").is_file() or (sweep_dir / "metrics.jsonl").is_file()
+        (sweep_dir / ".hydra" / "overrides.yaml").is_file() or (sweep_dir / METRICS_FILE).is_file()
     ):
         found.append(sweep_dir)  # a single run folder
     return found
@@ -188,13 +173,12 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
     overrides = [str(o) for o in overrides]
     params = dict(split_override(o) for o in overrides)
 
-    records = _read_jsonl(job_dir / "metrics.jsonl")
+    records = read_records(job_dir)
     train = [r for r in records if r.get("kind") == "train" and _finite(r.get("step")) and _finite(r.get("loss"))]
     val = [r for r in records if r.get("kind") == "val" and _finite(r.get("step")) and _finite(r.get("val_loss"))]
-    summaries = [r for r in records if r.get("kind") == "summary"]
-    summary = summaries[-1] if summaries else {}
+    summary = last_summary(records)
 
-    metrics = {key: value for key, value in summary.items() if key != "kind"}
+    metrics = dict(summary)
     metrics.update({key: value for key, value in final.items() if key in METRIC_COLUMNS or key == "checkpoint_dir"})
     error = None
     status = final.get("status")
@@ -207,11 +191,7 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
     objective = final.get("objective", summary.get("objective"))
     objective = float(objective) if _finite(objective) else None
     if status == "completed" and objective is None:
-        # A summary without an objective: fall back the same way the run does (val loss, else train loss).
-        for key in ("val_loss_after", "final_train_loss"):
-            if _finite(metrics.get(key)):
-                objective = float(metrics[key])
-                break
+        objective = run_objective(metrics)  # a summary without an objective: what the run falls back to
     if status != "completed":
         if train:
             metrics.setdefault("final_train_loss", train[-1]["loss"])
@@ -271,7 +251,7 @@ def collect(sweep_dir: Path, direction: Optional[str] = None) -> tuple[list[JobR
 # ------------------------------------------------------------------------------------------ tables
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -284,7 +264,7 @@ def _fmt(value: Any) -> str:
 
 
 def _md_cell(value: Any) -> str:
-    return _fmt(value).replace("|", "\\|").replace("\n", " ")
+    return format_value(value).replace("|", "\\|").replace("\n", " ")
 
 
 def table_columns(jobs: list[JobResult], swept: list[str]) -> list[str]:
@@ -352,7 +332,7 @@ def write_markdown(report: SweepReport, plots: list[Path]) -> Path:
     best = report.best
     if best is not None:
         lines += [f"**Best:** job {best.num if best.num is not None else best.name} "
-                  f"(objective {_fmt(best.objective)}): `{' '.join(best.overrides) or '(no overrides)'}`", ""]
+                  f"(objective {format_value(best.objective)}): `{' '.join(best.overrides) or '(no overrides)'}`", ""]
     if report.swept:
         lines += ["Swept: " + ", ".join(f"`{k}`" for k in report.swept), ""]
     if report.common:
@@ -385,8 +365,6 @@ def _job_label(job: JobResult, swept: list[str]) -> str:
 
 
 def _new_figure(figsize):
-    from matplotlib.figure import Figure
-
     return Figure(figsize=figsize)
 
 
@@ -397,8 +375,6 @@ def plot_loss_curves(jobs: list[JobResult], swept: list[str], path: Path) -> Pat
     many = len(plotted) > 10
     fig = _new_figure((11 if many else 8, 4.5))
     ax = fig.add_subplot(1, 1, 1)
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10" if len(plotted) <= 10 else "viridis"]
     for i, job in enumerate(plotted):
         color = cmap(i % 10) if len(plotted) <= 10 else cmap(i / max(len(plotted) - 1, 1))
@@ -411,8 +387,6 @@ def plot_loss_curves(jobs: list[JobResult], swept: list[str], path: Path) -> Pat
         if job.val:
             ax.plot([r["step"] for r in job.val], [r["val_loss"] for r in job.val], "--o", color=color,
                     markersize=5, markerfacecolor="none", label=label)
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss per token (solid: train, dashed/o: validation)")
@@ -443,8 +417,6 @@ def plot_objective_vs(jobs: list[JobResult], param: str, swept: list[str], path:
         xs = numbers
         positive = [x for x in xs if x > 0]
         if len(positive) == len(xs) and len(set(xs)) > 1 and max(xs) / min(xs) >= 9.99:
-            from matplotlib.ticker import NullFormatter
-
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap
     else:
@@ -515,26 +487,3 @@ def write_report(
             pngs.append(plot_objective_vs(jobs, param, swept, out / plot_filename(param), direction))
     report.files = [write_markdown(report, pngs), write_csv(out / "report.csv", jobs, swept), *pngs]
     return report
-
-
-def cli_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="medsft sweep-report",
-        description="Table (report.md, report.csv; best first) and PNG plots of a Hydra multirun folder.",
-    )
-    parser.add_argument("sweep_dir", help="the multirun folder, e.g. multirun_outputs/<date>/<time>")
-    parser.add_argument("--out", default=None, help="where to write the report (default: the sweep folder)")
-    parser.add_argument("--direction", choices=("minimize", "maximize"), default=None,
-                        help="how to rank the objective (default: the sweep's, else minimize: it is a loss)")
-    parser.add_argument("--no-plots", action="store_true", help="only the tables")
-    args = parser.parse_args(argv)
-    report = write_report(args.sweep_dir, args.out, args.direction, plots=not args.no_plots)
-    print(markdown_table(report.jobs, report.swept))
-    best = report.best
-    if best is not None:
-        print(f"\nbest: job {best.num if best.num is not None else best.name}, objective {_fmt(best.objective)}: "
-              f"{' '.join(best.overrides)}")
-    for job in report.failed:
-        print(f"failed: job {job.num if job.num is not None else job.name}: {job.error}")
-    print("\nwritten: " + ", ".join(str(p) for p in report.files))
-    return 0

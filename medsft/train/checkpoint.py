@@ -31,7 +31,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from medsft.train import faults
+from medsft.testing import faults  # TEST-ONLY hooks, inert unless $MEDSFT_TEST_FAULTS is set
 
 log = logging.getLogger("medsft.checkpoint")
 

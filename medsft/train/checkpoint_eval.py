@@ -6,8 +6,30 @@ Generation and scoring are the evaluation module's (`medsft eval`), run in-proce
 from __future__ import annotations
 
 import logging
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from medsft.eval.config import compose_eval_config
+from medsft.eval.runner import evaluate_benchmark, load_preset_items
 
 log = logging.getLogger("medsft.checkpoint_eval")
+
+
+def checkpoint_eval_config(cfg: DictConfig) -> Optional[DictConfig]:
+    """The `eval` node of the conf/eval preset checkpoint.eval_benchmark names, with this run's settings
+    (checkpoint.eval_limit questions, checkpoint.eval_max_new_tokens, the generation check's batch size and
+    the training system prompt); None when checkpoint evals are off."""
+    preset = cfg.checkpoint.eval_benchmark
+    if not preset:
+        return None
+    eval_cfg = compose_eval_config([f"eval={preset}"]).eval
+    eval_cfg.limit = int(cfg.checkpoint.eval_limit)
+    eval_cfg.max_new_tokens = int(cfg.checkpoint.eval_max_new_tokens)
+    eval_cfg.batch_size = int(cfg.generation_check.batch_size)
+    eval_cfg.system_prompt = cfg.data.system_prompt
+    eval_cfg.progress = False
+    return eval_cfg
 
 
 def evaluate_checkpoint(ctx) -> dict | None:
@@ -21,17 +43,12 @@ def evaluate_checkpoint(ctx) -> dict | None:
         return None
     metrics = None
     if accelerator.is_main_process:
-        from medsft.eval.runner import evaluate_benchmark, load_preset_items
-
-        items = getattr(ctx, "checkpoint_eval_items", None)
-        if items is None:
-            items = ctx.checkpoint_eval_items = load_preset_items(preset, limit=cfg.checkpoint.eval_limit)
+        if getattr(ctx, "checkpoint_eval", None) is None:
+            eval_cfg = checkpoint_eval_config(cfg)
+            ctx.checkpoint_eval = (eval_cfg, load_preset_items(eval_cfg))
+        eval_cfg, items = ctx.checkpoint_eval
         model = accelerator.unwrap_model(ctx.model)
-        metrics = evaluate_benchmark(model, ctx.tokenizer, items, {
-            "max_new_tokens": cfg.checkpoint.eval_max_new_tokens,
-            "batch_size": cfg.generation_check.batch_size,
-            "system_prompt": cfg.data.system_prompt,
-        })
+        metrics = evaluate_benchmark(model, ctx.tokenizer, items, eval_cfg)
         step = ctx.state.global_step
         figures = {k: metrics[k] for k in ("n", "accuracy", "unparsed_rate", "format_compliance") if k in metrics}
         ctx.metrics.write({"kind": "checkpoint_eval", "step": step, "benchmark": preset, **figures})

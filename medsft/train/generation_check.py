@@ -13,16 +13,16 @@ import textwrap
 
 import torch
 
+from medsft.eval.format import check_format
+from medsft.eval.generate import generate_responses, summarize_generations
+from medsft.eval.report import decoding_label
+
 log = logging.getLogger("medsft.generation_check")
 
 
 @torch.no_grad()
 def run_generation_check(ctx, when: str) -> dict | None:
     """Greedy answers to the first held-out questions, on the main process; every process waits."""
-    from medsft.eval.format import check_format
-    from medsft.eval.generate import generate_responses, summarize_generations
-    from medsft.eval.report import decoding_label
-
     accelerator, cfg = ctx.accelerator, ctx.cfg
     if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
         log.info("generation check skipped under ZeRO-3 (sharded weights); run `medsft eval` on the checkpoint")
@@ -64,7 +64,7 @@ def run_generation_check(ctx, when: str) -> dict | None:
         if when == "before":
             ctx.generation_before = result
         else:
-            before = getattr(ctx, "generation_before", None)
+            before = ctx.generation_before
             if before:
                 print(side_by_side(records[0].question, before["texts"][0], texts[0], cfg.generation_check.show_chars),
                       flush=True)

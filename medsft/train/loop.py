@@ -3,7 +3,7 @@
 Gradient accumulation is handled here rather than by `accelerator.accumulate`: the loss of an optimizer
 step is normalised by the number of loss tokens of the WHOLE step (all micro-batches, all processes), and
 an epoch's last, shorter accumulation group still steps. Both need the step's extent known up front, which
-the deterministic batch plan (batches.py) gives.
+the deterministic data order (medsft.data.order) gives.
 """
 
 from __future__ import annotations
@@ -18,38 +18,37 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from accelerate.utils import set_seed
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
+from medsft.compute.attention import real_tokens, segment_lengths
+from medsft.compute.flops import ModelFlops, device_peak_flops
+from medsft.compute.kernels import forward_loss_sums, setup_kernels
 from medsft.config import to_plain_dict
-from medsft.errors import MedsftError
+from medsft.data.dataset import SFTData, build_sft_data
+from medsft.data.order import DataOrder, StepPlan
+from medsft.data.render import ensure_chat_template
+from medsft.errors import DataError, TrainingDiverged
+from medsft.models import load_model, load_tokenizer, torch_dtype
+from medsft.outputs import MetricsFile
+from medsft.plots import plot_curves
+from medsft.runtime.accelerator import build_accelerator, loss_scale_for
+from medsft.runtime.deepspeed import deepspeed_step_applied, nonfinite_backward_loss
+from medsft.testing import faults  # TEST-ONLY fault injection hooks, inert unless $MEDSFT_TEST_FAULTS is set
+from medsft.testing.debug_dump import write_debug_dump  # TEST-ONLY, a no-op unless $MEDSFT_DEBUG_DUMP is set
+from medsft.tracking import HubPusher, Tracker
 from medsft.train import checkpoint as ckpt
-from medsft.train import faults  # TEST-ONLY fault injection hooks, inert unless $MEDSFT_TEST_FAULTS is set
-from medsft.train.batches import optimizer_step_groups, rank_micro_batches
-from medsft.train.attention import real_tokens, segment_lengths
-from medsft.train.kernels import forward_loss_sums
-from medsft.train.metrics import MetricWindow, MetricsFile, plot_curves
-from medsft.train.optim import StepPlan, build_optimizer, build_scheduler
+from medsft.train.checkpoint_eval import evaluate_checkpoint
+from medsft.train.generation_check import run_generation_check
+from medsft.train.metrics import MetricWindow
+from medsft.train.optim import build_optimizer, build_scheduler, lr_multiplier
+from medsft.train.resume import maybe_resume, report_complete, restore_rng
+from medsft.train.signals import PreemptionHandler
+from medsft.train.state import TrainState, run_fingerprint
 
 log = logging.getLogger("medsft.train")
-
-
-class TrainingDiverged(MedsftError):
-    exit_code = 5
-
-
-@dataclass
-class TrainState:
-    """Where the run is; saved in every checkpoint so a resume continues exactly."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0  # optimizer steps done in `epoch`
-    global_step: int = 0
-    samples_seen: int = 0
-    skipped_steps: int = 0
-    consecutive_skips: int = 0
-    wandb_run_id: Optional[str] = None
-    last_loss: Optional[float] = None
-    last_val_loss: Optional[float] = None
 
 
 @dataclass
@@ -64,28 +63,22 @@ class RunContext:
     tokenizer: object
     optimizer: object
     scheduler: object
-    data: object
+    data: SFTData
+    order: DataOrder  # what each process iterates, and its collator (medsft.data.order)
     plan: StepPlan
-    collator: object
     state: TrainState
-    tracker: object
+    tracker: Tracker
     metrics: MetricsFile
-    pusher: object = None
+    pusher: Optional[HubPusher] = None
     loss_scale: float = 1.0
-    # Throughput (medsft.train.batches.DataOrder, medsft.train.kernels.Kernels, medsft.train.flops.ModelFlops).
-    order: object = None
-    kernels: object = None
-    model_flops: object = None
+    kernels: object = None  # medsft.compute.kernels.Kernels
+    model_flops: Optional[ModelFlops] = None
     peak_flops: Optional[float] = None
+    generation_before: Optional[dict] = None  # the generation check's answers before training
+    checkpoint_eval: Optional[tuple] = None  # (eval node, items) of checkpoint.eval_benchmark, loaded once
 
 
 # ----------------------------------------------------------------------------------------------- setup
-
-
-def build_accelerator(cfg: DictConfig):
-    from medsft.distributed import build_accelerator as _build
-
-    return _build(cfg)
 
 
 def checkpoint_root(cfg: DictConfig) -> Path:
@@ -93,15 +86,7 @@ def checkpoint_root(cfg: DictConfig) -> Path:
 
 
 def setup(cfg: DictConfig, run_dir: Path) -> RunContext:
-    from medsft.data.collate import SFTCollator
-    from medsft.data.dataset import build_sft_data
-    from medsft.data.render import ensure_chat_template
-    from medsft.models import load_model, load_tokenizer
-    from medsft.tracking import HubPusher, Tracker
-
     accelerator = build_accelerator(cfg)
-    from accelerate.utils import set_seed
-
     set_seed(cfg.seed)
     is_main = accelerator.is_main_process
     log.info("processes: %d, device: %s, mixed precision: %s", accelerator.num_processes, accelerator.device,
@@ -112,31 +97,17 @@ def setup(cfg: DictConfig, run_dir: Path) -> RunContext:
     with accelerator.main_process_first():
         data = build_sft_data(cfg.data, tokenizer, seed=cfg.seed)
     if not data.train:
-        raise MedsftError(f"no training examples left in {cfg.data.path} after validation and length filtering")
-    from medsft.train.batches import DataOrder
+        raise DataError(f"no training examples left in {cfg.data.path} after validation and length filtering")
+    order = DataOrder.from_config(cfg.data, data.train, cfg.seed, tokenizer.pad_token_id)  # padded | grouped | packed
+    plan = order.plan(cfg.train.train_bsz_per_gpu, cfg.train.gradient_accumulation_steps, accelerator.num_processes,
+                      cfg.train.n_epochs, cfg.train.max_steps)
 
-    order = DataOrder.from_config(cfg.data, data.train, seed=cfg.seed)  # padded | grouped | packed rows
-    if order.mode == "packed":
-        from medsft.data.packing import packing_stats
-
-        log.info("packing: %s", packing_stats(order.lengths, order.rows, cfg.data.max_seq_len))
-    plan = StepPlan(
-        num_examples=order.units,  # examples, or packed rows
-        bsz=cfg.train.train_bsz_per_gpu,
-        accum=cfg.train.gradient_accumulation_steps,
-        world=accelerator.num_processes,
-        epochs=cfg.train.n_epochs,
-        max_steps=cfg.train.max_steps,
-    )
-
-    model = load_model(cfg.model, dtype=_model_dtype(cfg))
+    dtype = torch_dtype(cfg.model.dtype)  # "auto": fp32 master weights; mixed precision does the rest
+    model = load_model(cfg.model, dtype=dtype)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    from medsft.train.flops import ModelFlops, device_peak_flops
-    from medsft.train.kernels import setup_kernels
-
-    kernels = setup_kernels(model, cfg, accelerator.device, packing=order.mode == "packed",
+    kernels = setup_kernels(model, cfg.model, accelerator.device, packing=order.mode == "packed",
                             grouped=order.mode == "grouped",
                             zero3=bool(cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3))
     model_flops = ModelFlops.of(model)
@@ -147,30 +118,15 @@ def setup(cfg: DictConfig, run_dir: Path) -> RunContext:
     # Checkpointed by save_state (never stepped by accelerate: we step it once per optimizer step).
     accelerator.register_for_checkpointing(scheduler)
 
-    metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=is_main)
-    tracker = Tracker(cfg.logging.backend, enabled=is_main)
-    pusher = HubPusher(cfg.hf_repo_id, private=cfg.hub_private) if (cfg.push_to_hub and is_main) else None
-    from medsft.distributed import loss_scale_for
-
-    ctx = RunContext(
+    return RunContext(
         cfg=cfg, run_dir=run_dir, ckpt_root=checkpoint_root(cfg), accelerator=accelerator, model=model,
-        tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, data=data, plan=plan,
-        collator=SFTCollator(pad_token_id=tokenizer.pad_token_id), state=TrainState(), tracker=tracker,
-        metrics=metrics, pusher=pusher, loss_scale=loss_scale_for(accelerator),
-        order=order, kernels=kernels, model_flops=model_flops,
-        peak_flops=device_peak_flops(accelerator.device, accelerator.mixed_precision, _model_dtype(cfg)),
+        tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, data=data, order=order, plan=plan,
+        state=TrainState(), tracker=Tracker(cfg.logging.backend, enabled=is_main),
+        metrics=MetricsFile(run_dir / "metrics.jsonl", enabled=is_main),
+        pusher=HubPusher(cfg.hf_repo_id, private=cfg.hub_private) if (cfg.push_to_hub and is_main) else None,
+        loss_scale=loss_scale_for(accelerator), kernels=kernels, model_flops=model_flops,
+        peak_flops=device_peak_flops(accelerator.device, accelerator.mixed_precision, dtype),
     )
-    if order.mode == "packed":
-        from medsft.data.packing import PackedCollator
-
-        ctx.collator = PackedCollator(pad_token_id=tokenizer.pad_token_id)
-    return ctx
-
-
-def _model_dtype(cfg: DictConfig) -> Optional[torch.dtype]:
-    # "auto" keeps fp32 master weights; mixed precision (bf16 autocast / DeepSpeed bf16) does the rest.
-    return {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
-            "float16": torch.float16}[cfg.model.dtype]
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -190,7 +146,7 @@ def _all_sum(ctx: RunContext, value: float) -> float:
 def optimizer_step(ctx: RunContext, group: list[list[int]], window: MetricWindow) -> bool:
     """Forward/backward every micro-batch of one optimizer step, then step. Returns False if skipped."""
     accelerator, model = ctx.accelerator, ctx.model
-    batches = [ctx.collator([ctx.data.train[i] for i in indices]) for indices in group]
+    batches = [ctx.order.collate([ctx.data.train[i] for i in indices]) for indices in group]
     local_loss_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     step_loss_tokens = _all_sum(ctx, local_loss_tokens)
     finite = True
@@ -201,7 +157,7 @@ def optimizer_step(ctx: RunContext, group: list[list[int]], window: MetricWindow
         batch = _to_device(batch, accelerator.device)
         with (nullcontext() if is_last else accelerator.no_sync(model)):
             with accelerator.autocast():
-                # padded or packed batch, through the configured attention / loss kernels (medsft.train.kernels)
+                # padded or packed batch, through the configured attention / loss kernels (medsft.compute.kernels)
                 loss_sum, loss_tokens, correct = forward_loss_sums(model, batch, ctx.kernels)
                 loss_sum = faults.on_micro_batch(loss_sum, ctx.state.global_step + 1, is_last)  # TEST-ONLY
             # Any process with a non-finite loss makes every process skip the step (same decision everywhere).
@@ -211,8 +167,6 @@ def optimizer_step(ctx: RunContext, group: list[list[int]], window: MetricWindow
                 # divides by the accumulation steps, which loss_scale undoes.
                 accelerator.backward(loss_sum / max(step_loss_tokens, 1.0) * ctx.loss_scale)
             elif ctx.cfg.deepspeed.enabled:  # DeepSpeed needs every backward; NaN grads make it skip the step
-                from medsft.distributed import nonfinite_backward_loss
-
                 accelerator.backward(nonfinite_backward_loss(loss_sum / max(step_loss_tokens, 1.0)))
         window.add_micro_batch(
             loss_sum=loss_sum.item() if finite else 0.0,
@@ -226,8 +180,6 @@ def optimizer_step(ctx: RunContext, group: list[list[int]], window: MetricWindow
     state = ctx.state
     grad_norm = None
     if ctx.cfg.deepspeed.enabled:  # DeepSpeed stepped in the last backward, skipping non-finite gradients itself
-        from medsft.distributed import deepspeed_step_applied
-
         finite = deepspeed_step_applied(model, finite)
         if finite and hasattr(model, "get_global_grad_norm"):
             grad_norm = model.get_global_grad_norm()
@@ -280,7 +232,7 @@ def validation_loss(ctx: RunContext) -> Optional[float]:
         indices = shard[b * bsz : (b + 1) * bsz]
         # A process with nothing left runs one weightless example so collectives (ZeRO-3) stay in step.
         examples = [val[i] for i in indices] or [dict(val[0], labels=[-100] * len(val[0]["labels"]))]
-        batch = _to_device(ctx.collator(examples), accelerator.device)
+        batch = _to_device(ctx.order.collate(examples), accelerator.device)
         with accelerator.autocast():
             part_loss, part_tokens, _ = forward_loss_sums(model, batch, ctx.kernels)
         loss_sum += float(part_loss)
@@ -311,8 +263,6 @@ def log_window(ctx: RunContext, window: MetricWindow, epoch_float: float) -> dic
 
 def _lr_of_last_step(ctx: RunContext) -> float:
     """LR that the step just taken used (the scheduler has already moved on to the next one)."""
-    from medsft.train.optim import lr_multiplier
-
     plan, opt = ctx.plan, ctx.cfg.optimizer
     factor = lr_multiplier(ctx.state.global_step - 1, plan.total_steps, plan.warmup_steps(opt.warmup_rates),
                            opt.scheduler, opt.min_lr_ratio)
@@ -321,15 +271,13 @@ def _lr_of_last_step(ctx: RunContext) -> float:
 
 def save(ctx: RunContext, epoch: int, window: Optional[MetricWindow] = None) -> Path:
     """Collective. `window`: the metric window not yet logged (saved so a resume logs the same figures)."""
-    from medsft.train.resume import window_state
-
     state = ctx.state
     if ctx.tracker.run_id:
         state.wandb_run_id = ctx.tracker.run_id
     path = ckpt.save_checkpoint(
         ctx.accelerator, ctx.model, ctx.tokenizer, ctx.ckpt_root, epoch, state.global_step,
-        trainer_state={**asdict(state), "plan": asdict(ctx.plan), "fingerprint": run_fingerprint(ctx),
-                       "metric_window": window_state(window, ctx.accelerator) if window is not None else None},
+        trainer_state={**asdict(state), "plan": asdict(ctx.plan), "fingerprint": run_fingerprint(ctx.cfg, ctx.data, ctx.accelerator.num_processes),
+                       "metric_window": window.saved_state(ctx.accelerator) if window is not None else None},
         cfg=ctx.cfg,
     )
     if ctx.accelerator.is_main_process:
@@ -338,23 +286,8 @@ def save(ctx: RunContext, epoch: int, window: Optional[MetricWindow] = None) -> 
         if ctx.pusher is not None:
             ctx.pusher.submit(path, f"medsft {ctx.cfg.experiment_name} step {state.global_step}")
     ctx.accelerator.wait_for_everyone()
-    from medsft.train.checkpoint_eval import evaluate_checkpoint
-
     evaluate_checkpoint(ctx)
     return path
-
-
-def run_fingerprint(ctx: RunContext) -> dict:
-    """Values that must not change for a resume to be exact."""
-    return {
-        "data_hash": ctx.data.stats.get("content_hash"),
-        "train_examples": len(ctx.data.train),
-        "train_bsz_per_gpu": ctx.cfg.train.train_bsz_per_gpu,
-        "gradient_accumulation_steps": ctx.cfg.train.gradient_accumulation_steps,
-        "world_size": ctx.accelerator.num_processes,
-        "max_seq_len": ctx.cfg.data.max_seq_len,
-        "seed": ctx.cfg.seed,
-    }
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -366,12 +299,8 @@ def train(cfg: DictConfig, run_dir: Path) -> Optional[float]:
     ctx = setup(cfg, run_dir)
     accelerator, state, plan = ctx.accelerator, ctx.state, ctx.plan
     is_main = accelerator.is_main_process
-    from medsft.train.signals import PreemptionHandler
-
     preemption = PreemptionHandler().install()  # SIGTERM: checkpoint at the next step boundary, exit 75
     try:
-        from medsft.train.resume import maybe_resume, report_complete, restore_rng, restore_window
-
         resumed = maybe_resume(ctx)  # updates ctx.state (= state) in place
         if resumed is not None and resumed.complete:
             return report_complete(ctx, resumed)
@@ -384,15 +313,10 @@ def train(cfg: DictConfig, run_dir: Path) -> Optional[float]:
         ctx.model.train()
         progress = _progress_bar(ctx)
         last_saved_step = state.global_step if state.global_step else -1
-        window = restore_window(resumed, accelerator)
+        window = MetricWindow.restored(resumed.window if resumed else None, is_main)
         restore_rng(resumed.rng if resumed else {})  # RNG as saved: what ran since load_state must not shift it
         while state.epoch < plan.epochs and state.global_step < plan.total_steps:
-            groups = optimizer_step_groups(
-                ctx.order.micro_batches(plan, cfg.seed, state.epoch, accelerator.process_index, cfg.data.shuffle)
-                if ctx.order is not None
-                else rank_micro_batches(plan, cfg.seed, state.epoch, accelerator.process_index, cfg.data.shuffle),
-                plan.accum,
-            )
+            groups = ctx.order.step_groups(plan, state.epoch, accelerator.process_index)
             for group in groups[state.step_in_epoch :]:
                 optimizer_step(ctx, group, window)
                 faults.after_step(state.global_step)  # TEST-ONLY
@@ -429,8 +353,6 @@ def train(cfg: DictConfig, run_dir: Path) -> Optional[float]:
         after = _generation_check(ctx, "after")
         if cfg.checkpoint.save_final and last_saved_step != state.global_step:
             save(ctx, max(0, min(state.epoch, plan.epochs - 1)))
-        from medsft.distributed import write_debug_dump  # no-op unless $MEDSFT_DEBUG_DUMP (tests)
-
         write_debug_dump(ctx)
         summary = _summarize(ctx, report, before, after)
         return summary["objective"]
@@ -453,14 +375,10 @@ def _log_validation(ctx: RunContext) -> Optional[float]:
 def _generation_check(ctx: RunContext, when: str) -> Optional[dict]:
     if not ctx.cfg.generation_check.enabled or not ctx.data.val_records:
         return None
-    from medsft.train.generation_check import run_generation_check
-
     return run_generation_check(ctx, when)
 
 
 def _progress_bar(ctx: RunContext):
-    from tqdm.auto import tqdm
-
     enabled = ctx.accelerator.is_main_process and ctx.cfg.logging.progress_bar
     return tqdm(total=ctx.plan.total_steps, initial=ctx.state.global_step, disable=not enabled,
                 desc=ctx.cfg.experiment_name, unit="step", dynamic_ncols=True)
@@ -483,10 +401,8 @@ def _stats_line(stats: dict) -> str:
 
 def run_name(cfg: DictConfig) -> str:
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         overrides = HydraConfig.get().job.override_dirname
-    except Exception:  # noqa: BLE001 - not under Hydra (tests, medsft train from python)
+    except ValueError:  # not under Hydra (tests, medsft train from python)
         overrides = ""
     return f"{cfg.experiment_name}-{overrides}" if overrides else cfg.experiment_name
 
@@ -496,23 +412,21 @@ def _summarize(ctx: RunContext, report: dict, before: Optional[dict], after: Opt
     objective = report.get("val_loss_after")
     if objective is None:
         objective = state.last_loss
-    summary = {
-        "kind": "summary",
+    figures = {
         "steps": state.global_step,
         "samples_seen": state.samples_seen,
         "skipped_steps": state.skipped_steps,
         "final_train_loss": state.last_loss,
         **{k: v for k, v in report.items() if v is not None},
-        "objective": objective,
         "checkpoint_dir": str(ctx.ckpt_root),
     }
     if report.get("val_loss_before") and report.get("val_loss_after") is not None:
-        summary["val_loss_drop"] = 1.0 - report["val_loss_after"] / report["val_loss_before"]
+        figures["val_loss_drop"] = 1.0 - report["val_loss_after"] / report["val_loss_before"]
     for tag, result in (("before", before), ("after", after)):
         if result:
-            summary[f"format_compliance_{tag}"] = result["format_compliance"]
-            summary[f"mean_answer_chars_{tag}"] = result["mean_chars"]
-    ctx.metrics.write(summary)
+            figures[f"format_compliance_{tag}"] = result["format_compliance"]
+            figures[f"mean_answer_chars_{tag}"] = result["mean_chars"]
+    summary = ctx.metrics.write_summary(figures, objective)
     ctx.tracker.summary(summary)
     if ctx.accelerator.is_main_process:
         if ctx.cfg.logging.plot:

@@ -1,4 +1,4 @@
-"""Training metrics: token-level sums per micro-batch, reduced across processes, written as JSON lines.
+"""Training metrics: token-level sums per micro-batch, reduced across processes when a window is logged.
 
 Everything is kept as sums (loss over tokens, correct tokens, token counts) and divided only when logged,
 so the loss is the mean over loss-carrying tokens of the whole window on all processes, never a mean of
@@ -7,43 +7,21 @@ per-batch means.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-# padded_tokens: tokens computed on, padding included; flops: useful training FLOPs (medsft.train.flops).
-_SUM_KEYS = ("loss_sum", "loss_tokens", "correct", "tokens", "samples", "padded_tokens", "flops")
-
-
-def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum of token cross-entropies, number of loss tokens, number of correct argmax predictions).
-
-    Labels are the input ids with -100 where no loss is taken; the shift to next-token prediction happens here.
-    Computed in fp32 whatever the model's dtype.
-    """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != -100
-    loss_sum = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
-    with torch.no_grad():
-        correct = ((shift_logits.argmax(-1) == shift_labels) & mask).sum()
-    return loss_sum, mask.sum(), correct
+# padded_tokens: tokens computed on, padding included; flops: useful training FLOPs (medsft.compute.flops).
+SUM_KEYS = ("loss_sum", "loss_tokens", "correct", "tokens", "samples", "padded_tokens", "flops")
 
 
 @dataclass
 class MetricWindow:
     """Sums since the last log line; reduced across processes only when read."""
 
-    sums: dict = field(default_factory=lambda: {k: 0.0 for k in _SUM_KEYS})
+    sums: dict = field(default_factory=lambda: {k: 0.0 for k in SUM_KEYS})
     steps: int = 0
     skipped: int = 0
     grad_norms: list = field(default_factory=list)
@@ -52,12 +30,12 @@ class MetricWindow:
     def add_micro_batch(self, loss_sum: float, loss_tokens: int, correct: int, tokens: int, samples: int,
                         padded_tokens: int | None = None, flops: float = 0.0) -> None:
         padded = tokens if padded_tokens is None else padded_tokens
-        for key, value in zip(_SUM_KEYS, (loss_sum, loss_tokens, correct, tokens, samples, padded, flops)):
+        for key, value in zip(SUM_KEYS, (loss_sum, loss_tokens, correct, tokens, samples, padded, flops)):
             self.sums[key] += float(value)
 
     def reduce(self, accelerator, peak_flops: float | None = None) -> dict:
         """Sum the window over processes and turn it into the logged figures."""
-        local = torch.tensor([self.sums[k] for k in _SUM_KEYS], dtype=torch.float64, device=accelerator.device)
+        local = torch.tensor([self.sums[k] for k in SUM_KEYS], dtype=torch.float64, device=accelerator.device)
         total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
         loss_sum, loss_tokens, correct, tokens, samples, padded_tokens, flops = total.tolist()
         elapsed = max(time.perf_counter() - self.started, 1e-9)
@@ -79,54 +57,23 @@ class MetricWindow:
             "skipped_in_window": self.skipped,
         }
 
+    def saved_state(self, accelerator) -> dict:
+        """The window not yet logged, summed over processes (collective when there are several), for a
+        checkpoint: a resumed run then logs the same figures as an uninterrupted one."""
+        local = torch.tensor([self.sums[k] for k in SUM_KEYS], dtype=torch.float64, device=accelerator.device)
+        total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+        return {"sums": dict(zip(SUM_KEYS, total.tolist())), "steps": self.steps, "skipped": self.skipped,
+                "grad_norms": list(self.grad_norms)}
 
-class MetricsFile:
-    """Append-only `metrics.jsonl` on the main process; one JSON object per line, flushed each write."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path = Path(path)
-        self.enabled = enabled
-        self.records: list[dict] = []
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        if self.enabled:
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    with Path(path).open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def plot_curves(records: list[dict], out_path: Path) -> Path | None:
-    """PNG of train/val loss and LR against optimizer step, so a run without wandb is still visible."""
-    train = [r for r in records if r.get("kind") == "train"]
-    if not train:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    val = [r for r in records if r.get("kind") == "val"]
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    if val:
-        ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
-    ax_loss.set_xlabel("optimizer step")
-    ax_loss.set_ylabel("loss (per token)")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:orange")
-    ax_lr.set_xlabel("optimizer step")
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.grid(alpha=0.3)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    @classmethod
+    def restored(cls, saved: dict | None, is_main: bool) -> "MetricWindow":
+        """A window continuing a saved one: its sums on the main process (the others start at zero, the log
+        line sums over processes), its step/skip counts and grad norms everywhere."""
+        window = cls()
+        if saved:
+            if is_main:
+                window.sums.update({k: float(v) for k, v in saved.get("sums", {}).items() if k in window.sums})
+            window.steps = int(saved.get("steps", 0))
+            window.skipped = int(saved.get("skipped", 0))
+            window.grad_norms = list(saved.get("grad_norms", []))
+        return window

@@ -1,11 +1,12 @@
-"""Optimizer parameter groups, the step plan (how many optimizer steps a run has) and the LR schedule."""
+"""Optimizer parameter groups and the LR schedule (over the step plan of medsft.data.order)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
+
+from medsft.data.order import StepPlan
 
 # Parameter-name fragments of normalisation layers across Llama/Qwen/Mistral/GPT-style models. HuatuoGPT's
 # "LayerNorm.weight" filter misses Llama's `input_layernorm`, `post_attention_layernorm` and final `norm`.
@@ -44,48 +45,6 @@ def build_optimizer(model: torch.nn.Module, opt_cfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, ValueError):
         return torch.optim.AdamW(groups, **kwargs)
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """How the data maps onto micro-batches and optimizer steps, identical on every process.
-
-    Each epoch's permutation is padded to a multiple of `world` (like DistributedSampler), cut into global
-    micro-batches of `bsz * world` examples (the last one may be smaller but still divisible by `world`),
-    and every `accum` consecutive micro-batches form one optimizer step (the epoch's last group may be
-    shorter: it still steps, so no example is dropped).
-    """
-
-    num_examples: int
-    bsz: int
-    accum: int
-    world: int
-    epochs: int
-    max_steps: int = 0
-
-    @property
-    def padded_examples(self) -> int:
-        return math.ceil(self.num_examples / self.world) * self.world
-
-    @property
-    def micro_batches_per_epoch(self) -> int:
-        return math.ceil(self.padded_examples / (self.bsz * self.world))
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.micro_batches_per_epoch / self.accum)
-
-    @property
-    def total_steps(self) -> int:
-        full = self.steps_per_epoch * self.epochs
-        return min(full, self.max_steps) if self.max_steps > 0 else full
-
-    @property
-    def global_batch(self) -> int:
-        return self.bsz * self.accum * self.world
-
-    def warmup_steps(self, warmup_rates: float) -> int:
-        return int(math.ceil(warmup_rates * self.total_steps))
 
 
 def lr_multiplier(step: int, total: int, warmup: int, kind: str, min_ratio: float = 0.0) -> float:

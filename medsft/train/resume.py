@@ -23,19 +23,27 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from accelerate.utils import load
+from accelerate.utils.constants import RNG_STATE_NAME
 
 from medsft.errors import ConfigError
+from medsft.resume_policy import (
+    AUTO,
+    FRESH,
+    config_differences,
+    refuse_fresh_start,
+    refuse_inexact,
+    resume_choice,
+    saved_config_differences,
+)
 from medsft.train import checkpoint as ckpt
+from medsft.train.state import TrainState, run_fingerprint
 
 log = logging.getLogger("medsft.resume")
-
-_FRESH = ("never", "false", "no", "none", "")
-_AUTO = ("auto", "true", "yes", "latest")
 
 # Config keys (dotted prefixes) that do not change what training computes: where things are written, how
 # they are logged, launched or checkpointed, and labels. Every other key must match for an exact resume.
@@ -61,26 +69,17 @@ class Resumed:
 # ----------------------------------------------------------------------------------------------- choosing
 
 
-def _choice(resume_cfg) -> str:
-    return str(resume_cfg.from_checkpoint).strip()
-
-
 def find_resume_checkpoint(resume_cfg, ckpt_root: Path) -> Path | None:
     """The checkpoint to continue from, or None for a fresh start; raises ConfigError when unsafe.
 
     Pure: deletes nothing (maybe_resume does, on the main process, when resume.overwrite=true).
     """
-    choice = _choice(resume_cfg)
+    choice = str(resume_cfg.from_checkpoint).strip()
     existing = ckpt.list_complete_checkpoints(ckpt_root)
-    if choice.lower() in _FRESH:
-        if existing and not resume_cfg.overwrite:
-            raise ConfigError(
-                f"resume.from_checkpoint={choice or 'never'} but {ckpt_root} already holds {len(existing)} "
-                f"checkpoint(s) (newest {existing[-1].name}); pass resume.overwrite=true to delete them and start "
-                f"fresh there, resume.from_checkpoint=auto to continue, or change experiment_name / output_dir"
-            )
+    if resume_choice(choice) == FRESH:
+        refuse_fresh_start(resume_cfg, ckpt_root, existing)
         return None
-    if choice.lower() in _AUTO:
+    if resume_choice(choice) == AUTO:
         return existing[-1] if existing else None
     path = Path(choice).expanduser().resolve()
     if not (path / ckpt.COMPLETE_MARKER).is_file():
@@ -108,7 +107,7 @@ def _to_delete(resume_cfg, ckpt_root: Path, path: Optional[Path]) -> list[Path]:
     existing = ckpt.list_complete_checkpoints(ckpt_root)
     if path is None:
         return existing
-    if _choice(resume_cfg).lower() in _AUTO:
+    if resume_choice(resume_cfg.from_checkpoint) == AUTO:
         return []
     return _newer_than(path, existing)
 
@@ -116,35 +115,9 @@ def _to_delete(resume_cfg, ckpt_root: Path, path: Optional[Path]) -> list[Path]:
 # ----------------------------------------------------------------------------------------------- exactness
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    return [f"{key}: checkpoint {saved.get(key)!r} != now {current.get(key)!r}"
-            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
-
-
-def _flatten(data: Any, prefix: str = "") -> dict:
-    if isinstance(data, dict):
-        out: dict = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
-
-
-def _relevant(flat: dict) -> dict:
-    return {k: v for k, v in flat.items()
-            if not any(k == p or k.startswith(p + ".") for p in IGNORED_CONFIG_KEYS)}
-
-
 def exactness_differences(path: Path, saved_state: dict, fingerprint: dict, cfg) -> list[str]:
     """What differs between the checkpoint's run and this one in ways that change the computation."""
-    from medsft.config import to_plain_dict
-
-    config_diffs: list[str] = []
-    config_file = Path(path) / ckpt.CONFIG_FILE
-    if config_file.is_file():
-        saved_cfg = _relevant(_flatten(OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)))
-        now_cfg = _relevant(_flatten(to_plain_dict(cfg)))
-        config_diffs = config_differences(saved_cfg, now_cfg)
+    config_diffs = saved_config_differences(Path(path) / ckpt.CONFIG_FILE, cfg, IGNORED_CONFIG_KEYS)
     named = {line.split(":", 1)[0] for line in config_diffs}
     fingerprint_diffs = [line for line in config_differences(saved_state.get("fingerprint", {}), fingerprint)
                          if not any(k == line.split(":", 1)[0] or k.endswith("." + line.split(":", 1)[0])
@@ -174,9 +147,6 @@ def restore_rng(snapshot: dict) -> None:
 
 def _check_rng_file(path: Path, process_index: int) -> None:
     """accelerate's load_state only logs (at info level) when a process's RNG file is missing or unreadable."""
-    from accelerate.utils import load
-    from accelerate.utils.constants import RNG_STATE_NAME
-
     rng_file = Path(path) / ckpt.TRAINING_STATE_DIR / f"{RNG_STATE_NAME}_{process_index}.pkl"
     if not rng_file.is_file():
         log.warning("%s has no RNG state for process %d (different number of processes?): this process continues "
@@ -187,35 +157,6 @@ def _check_rng_file(path: Path, process_index: int) -> None:
         raise RuntimeError(f"the torch RNG state of process {process_index} was not restored from {rng_file}")
 
 
-# ----------------------------------------------------------------------------------------------- metric window
-
-
-def window_state(window, accelerator) -> dict:
-    """The metric window not yet logged, summed over processes (collective when there are several)."""
-    from medsft.train.metrics import _SUM_KEYS
-
-    local = torch.tensor([window.sums[k] for k in _SUM_KEYS], dtype=torch.float64, device=accelerator.device)
-    total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
-    return {"sums": dict(zip(_SUM_KEYS, total.tolist())), "steps": window.steps, "skipped": window.skipped,
-            "grad_norms": list(window.grad_norms)}
-
-
-def restore_window(resumed: Optional[Resumed], accelerator):
-    """A MetricWindow continuing the saved one: its sums on the main process (the others start at zero, the
-    log line sums over processes), its step/skip counts and grad norms everywhere."""
-    from medsft.train.metrics import MetricWindow
-
-    window = MetricWindow()
-    saved = resumed.window if resumed is not None else None
-    if saved:
-        if accelerator.is_main_process:
-            window.sums.update({k: float(v) for k, v in saved.get("sums", {}).items() if k in window.sums})
-        window.steps = int(saved.get("steps", 0))
-        window.skipped = int(saved.get("skipped", 0))
-        window.grad_norms = list(saved.get("grad_norms", []))
-    return window
-
-
 # ----------------------------------------------------------------------------------------------- resume
 
 
@@ -224,20 +165,14 @@ def maybe_resume(ctx) -> Optional[Resumed]:
 
     Returns None for a fresh start. Collective: every process must call it.
     """
-    from medsft.train.loop import TrainState, run_fingerprint
-
     cfg, accelerator = ctx.cfg, ctx.accelerator
     path = find_resume_checkpoint(cfg.resume, ctx.ckpt_root)
     doomed = _to_delete(cfg.resume, ctx.ckpt_root, path)
     if path is not None:
         saved = ckpt.read_trainer_state(path)
-        differences = exactness_differences(path, saved, run_fingerprint(ctx), cfg)
-        if differences and not cfg.resume.allow_config_change:
-            raise ConfigError(
-                f"cannot resume exactly from {path}: the run differs in\n  - " + "\n  - ".join(differences)
-                + "\npass resume.allow_config_change=true to continue anyway, or resume.from_checkpoint=never "
-                  "resume.overwrite=true to start over"
-            )
+        differences = exactness_differences(path, saved, run_fingerprint(cfg, ctx.data, accelerator.num_processes),
+                                            cfg)
+        refuse_inexact(path, differences, cfg.resume)
         if differences:
             log.warning("resuming from %s with a changed config (resume.allow_config_change=true): %s", path,
                         "; ".join(differences))

@@ -24,6 +24,8 @@ import signal
 import threading
 from typing import Optional
 
+import torch
+
 from medsft.errors import MedsftError
 
 log = logging.getLogger("medsft.signals")
@@ -69,8 +71,6 @@ class PreemptionHandler:
         local = self.received is not None
         if accelerator.num_processes == 1:
             return local
-        import torch
-
         flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 

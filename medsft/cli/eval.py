@@ -13,49 +13,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from medsft.errors import ConfigError
+from medsft.eval.config import compose_eval_config
+from medsft.eval.runner import print_summary, run_evaluation
 
 USAGE = __doc__
-
-
-def config_dir() -> Path:
-    import medsft
-
-    return Path(medsft.__file__).resolve().parents[1] / "conf"
-
-
-def compose_eval_config(overrides: list[str] | None = None):
-    """The composed, validated evaluate config (a DictConfig typed by EvaluateConfig)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from medsft.eval.config import register_eval_configs, validate_eval
-
-    conf = config_dir()
-    if not (conf / "evaluate.yaml").exists():
-        raise ConfigError(f"{conf}/evaluate.yaml not found (medsft eval needs the project's conf/ folder)")
-    register_eval_configs()
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3", job_name="medsft_eval"):
-            cfg = compose(config_name="evaluate", overrides=list(overrides or []))
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            raise ConfigError(
-                "missing required value(s): " + ", ".join(missing) + " (e.g. eval.path=/path/to/questions.json)"
-            )
-        OmegaConf.resolve(cfg)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"cannot compose the eval config: {err}") from None
-    validate_eval(cfg)
-    return cfg
 
 
 def cli_main(argv: list[str]) -> int:
@@ -78,8 +43,6 @@ def cli_main(argv: list[str]) -> int:
         print(OmegaConf.to_yaml(cfg))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from medsft.eval.runner import print_summary, run_evaluation
-
     out = run_evaluation(cfg)
     print_summary(out)
     print(f"wrote {out / 'predictions.jsonl'}, {out / 'summary.json'}, {out / 'summary.md'}")

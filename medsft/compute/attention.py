@@ -22,11 +22,15 @@ position ids. Even so, `medsft_varlen` re-derives the boundaries from restarting
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +83,6 @@ def varlen_sdpa_attention(
 
     query [B, H, T, D], key/value [B, Hkv, T, D]; returns ([B, T, H, D], None) like sdpa_attention_forward.
     """
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-
     q_len, k_len = query.shape[2], key.shape[2]
     segments = None
     if attention_mask is None and q_len == k_len and q_len > 1:
@@ -128,9 +130,7 @@ def _torch_varlen(query, key, value, segments, scaling) -> Optional[torch.Tensor
     if _TORCH_VARLEN_FAILED or query.dtype not in (torch.float16, torch.bfloat16):
         return None
     try:
-        import inspect
-
-        from torch.nn.attention.varlen import varlen_attn
+        from torch.nn.attention.varlen import varlen_attn  # torch >= 2.9 only (the range allows 2.4)
 
         bounds = [segments[0][0]] + [e for _, e in segments]
         cu = torch.tensor(bounds, dtype=torch.int32, device=query.device)
@@ -159,8 +159,6 @@ def _torch_varlen(query, key, value, segments, scaling) -> Optional[torch.Tensor
 def _varlen_mask(**kwargs: Any):
     """Mask builder paired with medsft_varlen: none for a full self-attention forward without a padding mask
     (the attention function applies causality per example), else exactly sdpa's mask."""
-    from transformers.masking_utils import sdpa_mask
-
     # use_vmap marks extra or/and mask functions (e.g. bidirectional image tokens): keep those as sdpa does
     if (kwargs.get("attention_mask") is None and kwargs.get("q_length") == kwargs.get("kv_length")
             and not kwargs.get("use_vmap") and not _nonzero(kwargs.get("q_offset"))
@@ -179,9 +177,6 @@ def register() -> str:
     """Register `medsft_varlen` with transformers (idempotent); returns its name."""
     global _registered
     if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
         AttentionInterface.register(VARLEN, varlen_sdpa_attention)
         AttentionMaskInterface.register(VARLEN, _varlen_mask)
         _registered = True
@@ -281,7 +276,7 @@ def dense_block_causal_mask(seq_idx: torch.Tensor, implementation: str = "sdpa",
 
 def document_block_mask(seq_idx: torch.Tensor):
     """FlexAttention BlockMask of a packed row: causal within an example, nothing across (blocks skipped)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask  # torch >= 2.5 only (the range allows 2.4)
 
     ids = seq_idx[0].to(torch.int32)
 

@@ -1,4 +1,5 @@
-"""Deterministic data order: which examples each process sees at each micro-step.
+"""What the training loop iterates: which examples each process sees at each micro-step, grouped into
+optimizer steps, and the collator that turns them into a batch (padded, grouped by length, or packed rows).
 
 The order is a pure function of (seed, epoch, world, rank), so a resumed run can skip to any position
 without replaying a stateful sampler, and every process agrees on how many micro-batches an epoch has.
@@ -6,11 +7,59 @@ without replaying a stateful sampler, and every process agrees on how many micro
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 
-from medsft.train.optim import StepPlan
+from medsft.data.collate import SFTCollator
+from medsft.data.packing import PackedCollator, best_fit_decreasing, packing_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How the data maps onto micro-batches and optimizer steps, identical on every process.
+
+    Each epoch's permutation is padded to a multiple of `world` (like DistributedSampler), cut into global
+    micro-batches of `bsz * world` examples (the last one may be smaller but still divisible by `world`),
+    and every `accum` consecutive micro-batches form one optimizer step (the epoch's last group may be
+    shorter: it still steps, so no example is dropped).
+    """
+
+    num_examples: int
+    bsz: int
+    accum: int
+    world: int
+    epochs: int
+    max_steps: int = 0
+
+    @property
+    def padded_examples(self) -> int:
+        return math.ceil(self.num_examples / self.world) * self.world
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return math.ceil(self.padded_examples / (self.bsz * self.world))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.micro_batches_per_epoch / self.accum)
+
+    @property
+    def total_steps(self) -> int:
+        full = self.steps_per_epoch * self.epochs
+        return min(full, self.max_steps) if self.max_steps > 0 else full
+
+    @property
+    def global_batch(self) -> int:
+        return self.bsz * self.accum * self.world
+
+    def warmup_steps(self, warmup_rates: float) -> int:
+        return int(math.ceil(warmup_rates * self.total_steps))
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -98,10 +147,11 @@ def packed_micro_batches(
 
 class DataOrder:
     """Which examples each process sees per micro-batch for the configured mode: padded (the default), grouped
-    by length (`data.group_by_length`) or packed (`data.packing`). `units` is what the StepPlan counts:
-    examples, or packed rows."""
+    by length (`data.group_by_length`) or packed (`data.packing`), and the collator of that mode. `units` is what
+    the StepPlan counts: examples, or packed rows."""
 
-    def __init__(self, mode: str, lengths: list[int], rows: Optional[list[list[int]]] = None):
+    def __init__(self, mode: str, lengths: Sequence[int], collator: Any, rows: Optional[list[list[int]]] = None,
+                 seed: int = 0, shuffle: bool = True):
         if mode not in ("padded", "grouped", "packed"):
             raise ValueError(f"unknown data order mode {mode!r}")
         if mode == "packed" and rows is None:
@@ -109,25 +159,39 @@ class DataOrder:
         self.mode = mode
         self.lengths = list(lengths)
         self.rows = rows
+        self.collator = collator
+        self.seed = seed
+        self.shuffle = shuffle
 
     @classmethod
-    def from_config(cls, data_cfg, examples: list[dict], seed: int) -> "DataOrder":
+    def from_config(cls, data_cfg, examples: list[dict], seed: int, pad_token_id: int) -> "DataOrder":
         lengths = [len(ex["input_ids"]) for ex in examples]
-        if getattr(data_cfg, "packing", False):
-            from medsft.data.packing import best_fit_decreasing
-
-            return cls("packed", lengths, best_fit_decreasing(lengths, int(data_cfg.max_seq_len), seed))
-        if getattr(data_cfg, "group_by_length", False):
-            return cls("grouped", lengths)
-        return cls("padded", lengths)
+        common = {"seed": seed, "shuffle": bool(data_cfg.shuffle)}
+        if data_cfg.packing:
+            rows = best_fit_decreasing(lengths, int(data_cfg.max_seq_len), seed)
+            log.info("packing: %s", packing_stats(lengths, rows, int(data_cfg.max_seq_len)))
+            return cls("packed", lengths, PackedCollator(pad_token_id=pad_token_id), rows, **common)
+        mode = "grouped" if data_cfg.group_by_length else "padded"
+        return cls(mode, lengths, SFTCollator(pad_token_id=pad_token_id), **common)
 
     @property
     def units(self) -> int:
         return len(self.rows) if self.mode == "packed" else len(self.lengths)
 
-    def micro_batches(self, plan: StepPlan, seed: int, epoch: int, rank: int, shuffle: bool = True) -> list[list[int]]:
+    def plan(self, bsz: int, accum: int, world: int, epochs: int, max_steps: int = 0) -> StepPlan:
+        return StepPlan(num_examples=self.units, bsz=bsz, accum=accum, world=world, epochs=epochs,
+                        max_steps=max_steps)
+
+    def micro_batches(self, plan: StepPlan, epoch: int, rank: int) -> list[list[int]]:
         if self.mode == "packed":
-            return packed_micro_batches(plan, self.rows, seed, epoch, rank, shuffle)
+            return packed_micro_batches(plan, self.rows, self.seed, epoch, rank, self.shuffle)
         if self.mode == "grouped":
-            return length_grouped_micro_batches(plan, self.lengths, seed, epoch, rank, shuffle)
-        return rank_micro_batches(plan, seed, epoch, rank, shuffle)
+            return length_grouped_micro_batches(plan, self.lengths, self.seed, epoch, rank, self.shuffle)
+        return rank_micro_batches(plan, self.seed, epoch, rank, self.shuffle)
+
+    def step_groups(self, plan: StepPlan, epoch: int, rank: int) -> list[list[list[int]]]:
+        """This process's micro-batches of one epoch, grouped per optimizer step."""
+        return optimizer_step_groups(self.micro_batches(plan, epoch, rank), plan.accum)
+
+    def collate(self, examples: Sequence[dict]) -> dict:
+        return self.collator(examples)

@@ -1,4 +1,5 @@
-"""The DeepSpeed JSON, generated from the medsft config: one source of truth, no value written twice.
+"""DeepSpeed: the JSON generated from the medsft config (one source of truth, no value written twice), the
+accelerate plugin built from it, and the two DeepSpeed-specific rules of the training step.
 
 Where each DeepSpeed value comes from:
 
@@ -23,9 +24,11 @@ import copy
 import logging
 from typing import Any, Optional
 
+import torch
+from accelerate.utils import DeepSpeedPlugin
 from omegaconf import DictConfig
 
-from medsft.errors import ConfigError
+from medsft.errors import ConfigError, TrainingDiverged
 
 log = logging.getLogger("medsft.distributed")
 
@@ -35,7 +38,7 @@ _STEPS_PER_PRINT = 10**9
 
 def _bf16_supports(option: str) -> bool:
     """Whether the installed DeepSpeed's bf16 section knows `option` (its config models forbid extra keys)."""
-    try:
+    try:  # the optional extra `deepspeed`
         from deepspeed.runtime.precision_config import DeepSpeedBF16Config
     except Exception:  # noqa: BLE001 - deepspeed missing or reorganised: write only what every version knows
         return False
@@ -101,13 +104,11 @@ def deepspeed_json(cfg: DictConfig, mixed_precision: str, world_size: Optional[i
 
 def build_deepspeed_plugin(cfg: DictConfig, mixed_precision: str):
     """The accelerate DeepSpeedPlugin for this process, from `deepspeed_json` (nothing read from env files)."""
-    try:
+    try:  # the optional extra `deepspeed`
         import deepspeed  # noqa: F401
     except ImportError as err:
         raise ConfigError(f"deepspeed={cfg.deepspeed.name} needs DeepSpeed: "
                           "DS_BUILD_OPS=0 pip install -e '.[deepspeed]'") from err
-    from accelerate.utils import DeepSpeedPlugin
-
     config = copy.deepcopy(deepspeed_json(cfg, mixed_precision))
     stage = config["zero_optimization"]["stage"]
     return DeepSpeedPlugin(
@@ -117,3 +118,30 @@ def build_deepspeed_plugin(cfg: DictConfig, mixed_precision: str):
         zero3_save_16bit_model=bool(config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save",
                                                                      False)),
     )
+
+
+def nonfinite_backward_loss(loss: torch.Tensor) -> torch.Tensor:
+    """The loss to back-propagate under DeepSpeed when the step must be skipped.
+
+    DeepSpeed must see every backward of a step (its accumulation boundary runs the optimizer), so the loop
+    cannot just stop calling backward as it does without DeepSpeed. NaN gradients make DeepSpeed's ZeRO step
+    detect an overflow, skip the update on every process and clear the accumulated gradients (fp32 and ZeRO-3
+    always; bf16 with bf16.check_grad_overflow, which the generated config sets).
+    """
+    return loss * float("nan")
+
+
+def deepspeed_step_applied(model, finite: bool) -> bool:
+    """Whether the step DeepSpeed just ran (inside the last backward) updated the weights.
+
+    False when medsft flagged a non-finite loss, and also when the loss was finite but DeepSpeed found non-finite
+    gradients and skipped the update (fp32/bf16 overflow, fp16 loss-scale overflow): the loop then counts a skipped
+    step, as without DeepSpeed. Raises if DeepSpeed applied a step medsft flagged as non-finite.
+    """
+    was_applied = getattr(model, "was_step_applied", None)
+    applied = bool(was_applied()) if callable(was_applied) else finite
+    if applied and not finite:
+        raise TrainingDiverged("DeepSpeed applied an optimizer step whose gradients were not finite (this DeepSpeed "
+                               "version does not skip non-finite bf16 steps: it lacks bf16.check_grad_overflow); "
+                               "upgrade DeepSpeed or train in fp32")
+    return finite and applied

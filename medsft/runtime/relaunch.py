@@ -2,23 +2,12 @@
 
 When the composed config asks for more than one process (launcher.num_processes > 1 or num_machines > 1), or
 for DeepSpeed (which needs a process group even on one device), and this process is not already one of a
-distributed job, the same config is re-invoked as a subprocess through `accelerate launch` (torchrun
-underneath; plain torchrun for a single DeepSpeed process): the child gets this run's Hydra overrides, so it
-composes the same config (checked: it refuses to start on any difference), writes into this run's folder
-(hydra.run.dir), and
-uses a free rendezvous port of its own, so the jobs of a multirun never collide. This process waits,
-forwards SIGINT/SIGTERM/SIGUSR1, and ends with the child's exit code (the worker's own code, e.g. 2 for a
-config error, not torchrun's generic 1). The child runs in place:
-
-- under `accelerate launch` / `torchrun` (WORLD_SIZE, LOCAL_RANK, RANK, or accelerate's ACCELERATE_* launch
-  variables are set),
-- under `srun` with one task per process (SLURM_STEP_NUM_TASKS == launcher.num_processes): SLURM's variables are
-  mapped to torch's (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
-
-Under `srun` with one task per machine (SLURM_STEP_NUM_TASKS == launcher.num_machines) each task re-invokes itself
-on its machine: machine_rank from SLURM_NODEID, the main machine from $MASTER_ADDR (or the job's first node),
-the port from the job id (all machines must agree on it). See docs/distributed.md and
-scripts/slurm_multinode.sbatch.
+distributed job (medsft.runtime.cluster), the same config is re-invoked as a subprocess through `accelerate
+launch` (torchrun underneath; plain torchrun for a single DeepSpeed process): the child gets this run's Hydra
+overrides, so it composes the same config (checked: it refuses to start on any difference), writes into this
+run's folder (hydra.run.dir), and uses a free rendezvous port of its own, so the jobs of a multirun never
+collide. This process waits, forwards SIGINT/SIGTERM/SIGUSR1, and ends with the child's exit code (the worker's
+own code, e.g. 2 for a config error, not torchrun's generic 1).
 
 On CPU (no CUDA, or launcher.cpu=true) the child runs `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu
 --num_processes N` (gloo): `accelerate launch --cpu` would silently start ONE process. DeepSpeed runs are
@@ -27,32 +16,41 @@ launched the same way without ACCELERATE_USE_CPU (which would drop DeepSpeed); t
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
+import psutil  # a dependency of accelerate
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from medsft.config import flatten, to_plain_dict
 from medsft.errors import ConfigError, MedsftError
+from medsft.outputs import objective_of
+from medsft.runtime.accelerator import use_cpu
+from medsft.runtime.cluster import (
+    LAUNCH_DIR_ENV,
+    adopt_slurm_env,
+    check_launcher,
+    inside_launcher,
+    rendezvous,
+    slurm_task_per_process,
+    world_size,
+)
 
 log = logging.getLogger("medsft.launcher")
 
-LAUNCH_DIR_ENV = "MEDSFT_LAUNCH_DIR"  # set for the child: expected config + per-rank exit codes
 CONFIG_FILE = "expected_config.json"
 
-# Variables a launcher sets for the processes it starts.
-_TORCH_LAUNCH_VARS = ("WORLD_SIZE", "LOCAL_RANK", "RANK", "TORCHELASTIC_RUN_ID")
-# Set by `accelerate launch` for its processes, also for a single one (never by an in-process Accelerator).
-_ACCELERATE_LAUNCH_VARS = ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_CONFIG_DS_FIELDS")
 # Hydra's own overrides that still matter to the child's composition; run dirs, sweep/launcher plugins and
 # the job's identity do not (the child is a plain single run into this run's folder).
 _HYDRA_PASS_THROUGH = ("hydra.searchpath", "hydra.verbose", "hydra.job.chdir", "hydra/job_logging",
@@ -67,111 +65,10 @@ class DistributedJobFailed(MedsftError):
         self.exit_code = exit_code
 
 
-# ----------------------------------------------------------------------------------------------- decisions
-
-
-def world_size(cfg: DictConfig) -> int:
-    """launcher.num_processes is the TOTAL over all machines (accelerate's meaning)."""
-    return int(cfg.launcher.num_processes)
-
-
-def inside_launcher(environ: Mapping[str, str] = os.environ) -> bool:
-    """True in a process started by accelerate launch / torchrun (or a SLURM srun task per process)."""
-    if any(environ.get(name) not in (None, "") for name in _TORCH_LAUNCH_VARS + _ACCELERATE_LAUNCH_VARS):
-        return True
-    return environ.get(LAUNCH_DIR_ENV) not in (None, "")
-
-
-def slurm_task_per_process(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> bool:
-    """`srun` started one task per training process: run in place with SLURM's ranks.
-
-    SLURM_STEP_NUM_TASKS is set by srun for its tasks only (a batch script sees the allocation's SLURM_NTASKS
-    but is a single process).
-    """
-    ntasks = int(environ.get("SLURM_STEP_NUM_TASKS", "0") or 0)
-    return ntasks > 1 and ntasks == world_size(cfg) and environ.get("SLURM_PROCID", "") != ""
-
-
 def needs_relaunch(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> bool:
     # DeepSpeed needs a process group even for one process (zero2_local): torchrun's variables give it one.
     wants = world_size(cfg) > 1 or int(cfg.launcher.num_machines) > 1 or bool(cfg.deepspeed.enabled)
     return wants and not inside_launcher(environ) and not slurm_task_per_process(cfg, environ)
-
-
-def check_launcher(cfg: DictConfig) -> None:
-    launcher = cfg.launcher
-    if world_size(cfg) % int(launcher.num_machines):
-        raise ConfigError(f"launcher.num_processes={launcher.num_processes} (the total over all machines) must "
-                          f"divide by launcher.num_machines={launcher.num_machines}")
-    if not 0 <= int(launcher.machine_rank) < int(launcher.num_machines):
-        raise ConfigError(f"launcher.machine_rank={launcher.machine_rank} must be in [0, {launcher.num_machines})")
-    if not 0 <= int(launcher.main_process_port) < 65536:
-        raise ConfigError(f"launcher.main_process_port={launcher.main_process_port} must be a port "
-                          "(0 = pick a free one)")
-
-
-# ----------------------------------------------------------------------------------------------- ports, hosts
-
-
-def pick_free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now (the OS picks it); each job of a multirun asks for its own."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def slurm_job_port(environ: Mapping[str, str] = os.environ) -> Optional[int]:
-    """Same port on every machine of a SLURM job, different between jobs: 20000 + job id mod 20000."""
-    job = environ.get("SLURM_JOB_ID")
-    return 20000 + int(job) % 20000 if job and job.isdigit() else None
-
-
-def slurm_first_host(environ: Mapping[str, str] = os.environ) -> Optional[str]:
-    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
-    if not nodelist or not shutil.which("scontrol"):
-        return None
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out[0] if out else None
-
-
-def rendezvous(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> dict:
-    """machine_rank / main_process_ip / main_process_port for this machine's `accelerate launch`."""
-    launcher = cfg.launcher
-    machines = int(launcher.num_machines)
-    machine_rank = int(launcher.machine_rank)
-    ip = launcher.main_process_ip
-    port = int(launcher.main_process_port)
-    if machines == 1:
-        return {"machine_rank": 0, "main_process_ip": ip, "main_process_port": port or pick_free_port()}
-    slurm_nodes = int(environ.get("SLURM_NNODES", "0") or 0)
-    if slurm_nodes == machines and environ.get("SLURM_NODEID", "").isdigit():
-        machine_rank = int(environ["SLURM_NODEID"])
-    ip = ip or environ.get("MASTER_ADDR") or slurm_first_host(environ)
-    port = port or slurm_job_port(environ) or 0
-    if not ip:
-        raise ConfigError(f"launcher.num_machines={machines} needs launcher.main_process_ip (the address of machine "
-                          "0), or $MASTER_ADDR, or a SLURM allocation")
-    if not port:
-        raise ConfigError(f"launcher.num_machines={machines} needs launcher.main_process_port: every machine must "
-                          "use the same one (under SLURM it is derived from the job id)")
-    return {"machine_rank": machine_rank, "main_process_ip": ip, "main_process_port": port}
-
-
-def adopt_slurm_env(cfg: DictConfig, environ: dict = os.environ) -> None:
-    """`srun` task per process: give torch/accelerate the variables torchrun would have set."""
-    if not slurm_task_per_process(cfg, environ) or environ.get("WORLD_SIZE"):
-        return
-    environ["RANK"] = environ["SLURM_PROCID"]
-    environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
-    environ["WORLD_SIZE"] = environ["SLURM_STEP_NUM_TASKS"]
-    environ["LOCAL_WORLD_SIZE"] = environ.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0].split(",")[0] or str(
-        world_size(cfg) // int(cfg.launcher.num_machines))
-    environ.setdefault("MASTER_ADDR", cfg.launcher.main_process_ip or slurm_first_host(environ) or "127.0.0.1")
-    environ.setdefault("MASTER_PORT", str(cfg.launcher.main_process_port or slurm_job_port(environ) or 29500))
 
 
 # ----------------------------------------------------------------------------------------------- the command
@@ -182,14 +79,6 @@ def _quote(value: str) -> str:
     if re.fullmatch(r"[\w./:+\-@~%]+", value):
         return value
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _cpu(cfg: DictConfig) -> bool:
-    if cfg.launcher.cpu:
-        return True  # without importing torch in this waiting process
-    from medsft.distributed import use_cpu
-
-    return use_cpu(cfg)
 
 
 def accelerate_command(cfg: DictConfig, hydra_args: list[str], rdzv: dict, config_file: Path) -> list[str]:
@@ -220,7 +109,7 @@ def accelerate_command(cfg: DictConfig, hydra_args: list[str], rdzv: dict, confi
         argv += ["--main_process_ip", str(rdzv["main_process_ip"])]
     if machines > 1:
         argv += ["--rdzv_backend", str(launcher.rdzv_backend), "--same_network"]
-    if _cpu(cfg):
+    if use_cpu(cfg):
         threads = max(1, (os.cpu_count() or 1) // max(1, world_size(cfg) // machines))
         argv += ["--num_cpu_threads_per_process", str(threads)]
     return argv + ["--module", "medsft.cli", "train", *hydra_args]
@@ -229,7 +118,7 @@ def accelerate_command(cfg: DictConfig, hydra_args: list[str], rdzv: dict, confi
 def child_env(cfg: DictConfig, launch_dir: Path, environ: Mapping[str, str] = os.environ) -> dict:
     env = dict(environ)
     env[LAUNCH_DIR_ENV] = str(launch_dir)
-    if _cpu(cfg) and not cfg.deepspeed.enabled:
+    if use_cpu(cfg) and not cfg.deepspeed.enabled:
         env["ACCELERATE_USE_CPU"] = "1"  # with --multi_gpu: N gloo processes (`--cpu` would start one)
     else:
         env.pop("ACCELERATE_USE_CPU", None)  # it would silently drop DeepSpeed
@@ -249,8 +138,6 @@ def _minimal_accelerate_config(path: Path) -> Path:
 def hydra_child_args(cfg: DictConfig, run_dir: Path) -> tuple[list[str], Path]:
     """(the child's Hydra command line, its working directory) from this process's HydraConfig."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         hydra_cfg = HydraConfig.get()
     except ValueError as err:
         raise ConfigError("a distributed run (launcher.num_processes > 1, or DeepSpeed) re-invokes itself through "
@@ -282,18 +169,7 @@ def hydra_child_args(cfg: DictConfig, run_dir: Path) -> tuple[list[str], Path]:
 
 
 def _config_snapshot(cfg: DictConfig) -> dict:
-    from medsft.config import to_plain_dict
-
     return json.loads(json.dumps(to_plain_dict(cfg), default=str))
-
-
-def _flat(data, prefix: str = "") -> dict:
-    if isinstance(data, dict):
-        out = {}
-        for key, value in data.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
 
 
 def check_child_config(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> None:
@@ -302,8 +178,8 @@ def check_child_config(cfg: DictConfig, environ: Mapping[str, str] = os.environ)
     expected_file = Path(launch_dir) / CONFIG_FILE if launch_dir else None
     if expected_file is None or not expected_file.is_file():
         return
-    expected = _flat(json.loads(expected_file.read_text(encoding="utf-8")))
-    got = _flat(_config_snapshot(cfg))
+    expected = flatten(json.loads(expected_file.read_text(encoding="utf-8")))
+    got = flatten(_config_snapshot(cfg))
     diffs = [f"{key}: parent {expected.get(key)!r} != child {got.get(key)!r}"
              for key in sorted(set(expected) | set(got)) if expected.get(key) != got.get(key)]
     if diffs:
@@ -334,26 +210,9 @@ def _worker_exit_code(launch_dir: Path, launcher_code: int) -> int:
     return nonzero[0] if nonzero else launcher_code
 
 
-def _objective(run_dir: Path) -> Optional[float]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    objective = None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("kind") == "summary":
-            objective = record.get("objective")
-    return objective
-
-
 def _set_parent_death_signal() -> None:  # pragma: no cover - runs in the forked child
     """Linux: the launcher dies with its parent (no orphaned training processes)."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001 - not Linux: the signal forwarding below still applies
         pass
@@ -362,10 +221,8 @@ def _set_parent_death_signal() -> None:  # pragma: no cover - runs in the forked
 def _training_processes(pid: int) -> list:
     """The launcher's children: torchrun's workers (its agent runs inside the launcher process)."""
     try:
-        import psutil
-
         return psutil.Process(pid).children(recursive=False)
-    except Exception:  # noqa: BLE001 - psutil missing or the process gone: signal the launcher instead
+    except psutil.Error:  # the process is gone: signal the launcher instead
         return []
 
 
@@ -433,7 +290,7 @@ def relaunch(cfg: DictConfig, run_dir: Path) -> Optional[float]:
                                        "its messages are above", exit_code=code)
     finally:
         shutil.rmtree(launch_dir, ignore_errors=True)
-    return _objective(run_dir)
+    return objective_of(run_dir)
 
 
 def maybe_relaunch(cfg: DictConfig, run_dir: Path) -> tuple[bool, Optional[float]]:

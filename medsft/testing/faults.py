@@ -1,5 +1,6 @@
-"""TEST-ONLY fault injection for the crash-safety tests (tests/test_resume*.py). Off unless the environment
-variable MEDSFT_TEST_FAULTS is set; it has no config key on purpose, so a production config can never enable it.
+"""TEST-ONLY fault injection for the crash-safety tests (tests/test_resume.py, tests/test_checkpoint_safety.py).
+Off unless the environment variable MEDSFT_TEST_FAULTS is set; it has no config key on purpose, so a production
+config can never enable it.
 
     MEDSFT_TEST_FAULTS="nan_at_steps=3,5,6"      loss of optimizer steps 3, 5 and 6 (1-based) becomes NaN
     MEDSFT_TEST_FAULTS="nan_grad_at_steps=4"     loss of step 4 stays finite but its gradients become NaN

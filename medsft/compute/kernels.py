@@ -25,12 +25,32 @@ from typing import Any, Optional
 
 import torch
 
+from medsft.compute import attention
 from medsft.data.render import IGNORE_INDEX
-from medsft.train import attention
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_TOKENS = 4096
+
+
+def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum of token cross-entropies, number of loss tokens, number of correct argmax predictions).
+
+    Labels are the input ids with -100 where no loss is taken; the shift to next-token prediction happens here.
+    Computed in fp32 whatever the model's dtype.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    loss_sum = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    with torch.no_grad():
+        correct = ((shift_logits.argmax(-1) == shift_labels) & mask).sum()
+    return loss_sum, mask.sum(), correct
 
 
 # ------------------------------------------------------------------------------------- chunked cross-entropy
@@ -126,15 +146,14 @@ class Kernels:
     compiled: bool = False
 
 
-def setup_kernels(model: torch.nn.Module, cfg: Any, device: torch.device, packing: bool = False,
+def setup_kernels(model: torch.nn.Module, model_cfg: Any, device: torch.device, packing: bool = False,
                   grouped: bool = False, zero3: bool = False) -> Kernels:
     """Apply the configured kernels to the (unwrapped) model before accelerate.prepare; log what was skipped.
 
     `grouped` (length-grouped batches) needs nothing beyond the padded path: both are right-padded batches.
     """
-    model_cfg = cfg.model if hasattr(cfg, "model") else cfg
     kernels = Kernels()
-    requested = getattr(model_cfg, "attn_implementation", "sdpa")
+    requested = model_cfg.attn_implementation
     if packing:
         kernels.implementation = attention.configure_for_packing(model, requested, device)
     else:
@@ -142,10 +161,10 @@ def setup_kernels(model: torch.nn.Module, cfg: Any, device: torch.device, packin
     # Right-padded batches under causal sdpa need no padding mask (see attention.model_inputs): same loss and
     # gradients, and sdpa takes its causal kernel instead of a dense masked one (~2x faster attention on CPU).
     kernels.drop_causal_padding_mask = not packing
-    liger = bool(getattr(model_cfg, "use_liger_kernel", False))
+    liger = bool(model_cfg.use_liger_kernel)
     if liger:
         kernels.liger = apply_liger(model, device)
-    if liger or getattr(model_cfg, "chunked_loss", False):
+    if liger or model_cfg.chunked_loss:
         reason = _chunked_loss_unsupported(model, zero3)
         flag = "model.use_liger_kernel" if liger else "model.chunked_loss"
         if reason:
@@ -154,7 +173,7 @@ def setup_kernels(model: torch.nn.Module, cfg: Any, device: torch.device, packin
             kernels.chunked_loss = True
             log.info("loss: chunked linear cross-entropy (%d tokens a chunk; no [T, vocab] logits)",
                      kernels.chunk_tokens)
-    if getattr(model_cfg, "compile", False):
+    if model_cfg.compile:
         kernels.compiled = apply_compile(model)
     return kernels
 
@@ -165,7 +184,7 @@ def apply_liger(model: torch.nn.Module, device: torch.device) -> bool:
         log.warning("model.use_liger_kernel=true: Liger kernels need CUDA (device here: %s); layer kernels "
                     "skipped, the loss still uses medsft's chunked cross-entropy", device.type)  # fmt: skip
         return False
-    try:
+    try:  # optional (CUDA only), not a dependency
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
         log.warning("model.use_liger_kernel=true: the liger-kernel package is not installed (pip install "
@@ -229,8 +248,6 @@ def forward_loss_sums(model: torch.nn.Module, batch: dict, kernels: Optional[Ker
     Without kernels (the default config) this is exactly model(input_ids, attention_mask).logits ->
     token_loss_sums.
     """
-    from medsft.train.metrics import token_loss_sums
-
     kernels = kernels or Kernels(implementation=attention.current_implementation(model))
     inputs = attention.model_inputs(batch, kernels.implementation, kernels.drop_causal_padding_mask)
     if not kernels.chunked_loss:

@@ -25,7 +25,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from omegaconf import DictConfig
+
+from medsft.config import compose
+from medsft.data.dataset import tokenize_records
+from medsft.data.records import load_records, read_raw
+from medsft.data.render import apply_length_policy, ensure_chat_template, render_records
 from medsft.errors import DataError, MedsftError
+from medsft.paths import CONF_DIR
 
 log = logging.getLogger("medsft.data")
 
@@ -33,72 +40,45 @@ log = logging.getLogger("medsft.data")
 # --------------------------------------------------------------------------------------------------- helpers
 
 
-def _repo_root() -> Path:
-    import medsft
-
-    return Path(medsft.__file__).resolve().parents[1]
-
-
 def presets() -> list[str]:
     names = {"es"}
-    conf = _repo_root() / "conf" / "data"
-    if conf.is_dir():
-        names.update(p.stem for p in conf.glob("*.yaml"))
+    names.update(p.stem for p in (CONF_DIR / "data").glob("*.yaml") if p.stem != "base")
     return sorted(names)
 
 
-def fields_for(preset: Optional[str]) -> Any:
-    """The FieldMap of a conf/data preset (`es`, or any conf/data/<name>.yaml)."""
-    from omegaconf import OmegaConf
+def _production_config(*overrides: str) -> DictConfig:
+    """The config a run composes to without an experiment preset: conf/'s defaults (the seed's values)."""
+    return compose(["~experiment", *overrides])
 
-    from medsft.config import FieldMap
 
-    base = OmegaConf.structured(FieldMap)
+def fields_for(preset: Optional[str]) -> DictConfig:
+    """The field map of a conf/data preset (`es`: the Spanish default schema of conf/data/base.yaml)."""
     if preset in (None, "", "es"):
-        return OmegaConf.to_object(base)
-    path = _repo_root() / "conf" / "data" / f"{preset}.yaml"
-    if not path.is_file():
+        return _production_config().data.fields
+    if preset not in presets():
         raise DataError(f"--fields-preset {preset!r}: no such preset (available: {', '.join(presets())})")
-    node = OmegaConf.load(path)
-    fields = node.get("fields") if isinstance(node, dict) or hasattr(node, "get") else None
-    if fields is not None:
-        base = OmegaConf.merge(base, fields)
-    return OmegaConf.to_object(base)
+    return _production_config(f"data={preset}").data.fields
 
 
-def _data_cfg(args: argparse.Namespace, **over: Any) -> Any:
-    from medsft.config import DataConfig
-
-    cfg = DataConfig()
+def _data_cfg(args: argparse.Namespace) -> DictConfig:
+    """The `data` node training would use, with this command's path, field preset and options."""
+    cfg = _production_config().data
     cfg.path = args.path
     cfg.fields = fields_for(getattr(args, "fields_preset", None))
     for key in ("format", "on_invalid", "max_seq_len", "overlong", "system_prompt", "response_template"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key, value)
-    for k, v in over.items():
-        setattr(cfg, k, v)
     return cfg
 
 
 def _load_tokenizer(model: str) -> Any:
     """The tokenizer training would use for model.path=`model` (with its pad token and chat template)."""
-    from medsft.data.render import ensure_chat_template
+    from medsft.models import load_tokenizer  # torch + transformers (~4 s): only the commands that tokenize
 
-    try:
-        from medsft import models
-    except ImportError:  # pragma: no cover - models.py is part of the package
-        models = None
-    if models is not None and hasattr(models, "load_tokenizer"):
-        from medsft.config import ModelConfig
-
-        tok = models.load_tokenizer(ModelConfig(path=model))
-    else:  # pragma: no cover
-        from transformers import AutoTokenizer
-
-        if not Path(model).expanduser().is_dir():
-            raise DataError(f"--model {model}: no such directory")
-        tok = AutoTokenizer.from_pretrained(str(Path(model).expanduser()))
+    model_cfg = _production_config().model
+    model_cfg.path = model
+    tok = load_tokenizer(model_cfg)
     ensure_chat_template(tok)
     return tok
 
@@ -144,8 +124,6 @@ def _add_render(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from medsft.data.records import load_records
-
     fields = fields_for(args.fields_preset)
     with _quiet("medsft.data.records"):  # we print the report ourselves
         records, report = load_records(args.path, fields, on_invalid="skip", fmt=args.format or "auto")
@@ -163,9 +141,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from medsft.data.dataset import tokenize_records
-    from medsft.data.records import load_records
-    from medsft.data.render import apply_length_policy
 
     cfg = _data_cfg(args)
     records, report = load_records(args.path, cfg.fields, on_invalid=cfg.on_invalid, fmt=cfg.format)
@@ -237,23 +212,14 @@ def _steps(n: int, bsz: int, accum: int, world: int, epochs: int) -> dict:
     for name, v in (("--bsz", bsz), ("--accum", accum), ("--world", world), ("--epochs", epochs)):
         if v < 1:
             raise DataError(f"{name}={v} must be >= 1")
-    try:
-        from medsft.train.optim import StepPlan
+    from medsft.data.order import StepPlan  # imports torch (~2 s): not for `medsft data check`
 
-        plan = StepPlan(num_examples=n, bsz=bsz, accum=accum, world=world, epochs=epochs)
-        per_epoch, total = plan.steps_per_epoch, plan.total_steps
-    except ImportError:  # pragma: no cover - same arithmetic as the training loop's StepPlan
-        import math
-
-        micro = math.ceil(math.ceil(n / world) * world / (bsz * world))
-        per_epoch = math.ceil(micro / accum)
-        total = per_epoch * epochs
+    plan = StepPlan(num_examples=n, bsz=bsz, accum=accum, world=world, epochs=epochs)
+    per_epoch, total = plan.steps_per_epoch, plan.total_steps
     return {"steps_per_epoch": per_epoch, "total_steps": total, "global_batch": bsz * accum * world}
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from medsft.data.records import load_records, read_raw
-
     if args.n < 1:
         raise DataError(f"--n {args.n} must be >= 1")
     src, out = Path(args.path), Path(args.out)
@@ -284,8 +250,6 @@ _GREEN, _DIM, _RESET = "\033[1;32m", "\033[2m", "\033[0m"
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from medsft.data.records import load_records
-    from medsft.data.render import apply_length_policy, render_records
 
     cfg = _data_cfg(args)
     with _quiet("medsft.data.records"):
@@ -327,9 +291,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medsft.config import DataConfig, TrainConfig
-
-    d, t = DataConfig(), TrainConfig()
+    production = _production_config()
+    d, t = production.data, production.train
     parser = argparse.ArgumentParser(prog="medsft data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="{check,stats,sample,show}")

@@ -1,0 +1,94 @@
+"""The Accelerator of this process, and how the loss must be scaled for it.
+
+How a run becomes N processes is medsft.runtime.relaunch; this module is what each of those processes builds:
+its device (CPU or CUDA), mixed precision, process group (gloo on CPU) and the DeepSpeed plugin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from omegaconf import DictConfig
+
+from medsft.errors import ConfigError
+from medsft.runtime.deepspeed import build_deepspeed_plugin
+
+log = logging.getLogger("medsft.distributed")
+
+
+def use_cpu(cfg: DictConfig) -> bool:
+    return bool(cfg.launcher.cpu) or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") in ("1", "true")
+
+
+def resolve_mixed_precision(cfg: DictConfig, cpu: bool) -> str:
+    wanted = cfg.train.mixed_precision
+    if wanted != "auto":
+        return wanted
+    if not cpu and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _launched_with_deepspeed_env() -> bool:
+    """`accelerate launch` with a DeepSpeed accelerate config (not a plugin this process made itself)."""
+    return bool(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"))
+
+
+def build_accelerator(cfg: DictConfig):
+    cpu = use_cpu(cfg)
+    mixed_precision = resolve_mixed_precision(cfg, cpu)
+    handlers = []
+    if cpu and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.deepspeed.enabled):
+        # gloo on CPU; without it accelerate under DeepSpeed believes world=1 and its batch assert fails (and
+        # DeepSpeed's CPU default, oneCCL, is not installed).
+        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
+    deepspeed_plugin = None
+    if cfg.deepspeed.enabled:
+        deepspeed_plugin = build_deepspeed_plugin(cfg, mixed_precision)
+    elif _launched_with_deepspeed_env():
+        # accelerate would build DeepSpeed from its own config file, behind the medsft config's back.
+        raise ConfigError("this process was started by `accelerate launch` with a DeepSpeed config, but the medsft "
+                          "config has deepspeed=none: pass the matching preset (e.g. deepspeed=zero3); medsft "
+                          "builds the DeepSpeed config itself (`medsft launch-config` writes the accelerate files "
+                          "from it)")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        cpu=cpu and deepspeed_plugin is None,
+        deepspeed_plugin=deepspeed_plugin,
+        kwargs_handlers=handlers,
+        step_scheduler_with_optimizer=False,
+    )
+    if accelerator.num_processes > 1 and not accelerator.is_main_process:
+        # Rank 0 tells the story; the others speak up only for warnings (every line twice helps nobody).
+        logging.getLogger("medsft").setLevel(logging.WARNING)
+    return accelerator
+
+
+def deepspeed_engine(accelerator):
+    """The DeepSpeed engine of this run, or None when DeepSpeed is off."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    return getattr(wrapped, "engine", None)
+
+
+def loss_scale_for(accelerator) -> float:
+    """Factor that turns 'sum of token losses / tokens of the whole step' into the right gradient.
+
+    DDP averages gradients over processes and accelerate (non-DeepSpeed) divides each backward by the
+    accumulation steps. DeepSpeed does the same two divisions itself: `engine.backward` divides the loss by its
+    gradient_accumulation_steps, and the ZeRO reduction averages over the data-parallel group (sum, then
+    divided by dp_world_size: postscale_gradients, the default). x world x accum undoes both, in both cases;
+    tests/test_distributed.py checks first-step loss and grad norm of DeepSpeed against plain DDP / 1 process.
+    """
+    engine = deepspeed_engine(accelerator)
+    if engine is not None:
+        if not engine.postscale_gradients() or float(engine.gradient_predivide_factor()) != 1.0:
+            log.warning("DeepSpeed prescale_gradients / gradient_predivide_factor changes gradient scaling; medsft "
+                        "assumes the defaults (average over the data-parallel group)")
+        return float(engine.dp_world_size * engine.gradient_accumulation_steps())
+    return float(accelerator.num_processes * accelerator.gradient_accumulation_steps)
