@@ -78,8 +78,10 @@ def test_medsft_eval_tiny_subprocess(tmp_path, models_cache_dir, tiny_model_dir)
         "eval=custom", f"eval.path={FIX / 'mini_mcq.json'}", "eval.limit=10", "eval.max_new_tokens=8",
         "eval.progress=false", f"eval.output_dir={out}", "eval.repetition_penalty=1.2", "--compat-huatuo",
     ]  # fmt: skip
+    # this checkout's medsft, not whichever one is installed (cwd is tmp_path, so it is not on sys.path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     preds, summary, md = read_outputs(out)
