@@ -13,6 +13,7 @@ import medsft
 from medsft.errors import ConfigError, DataError
 from medsft.cli.eval import cli_main
 from medsft.eval.config import compose_eval_config
+from medsft.eval.report import accuracy_ci95, render_markdown, wilson_interval
 from medsft.eval.runner import run_evaluation
 
 ROOT = Path(medsft.__file__).resolve().parents[1]
@@ -24,6 +25,53 @@ def read_outputs(out: Path):
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     return preds, summary, (out / "summary.md").read_text(encoding="utf-8")
+
+
+def ci_text(k, n):
+    lo, hi = accuracy_ci95(k, n)
+    return f"{100 * k / n:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+@pytest.mark.parametrize(
+    "k, n, lo, hi",
+    [
+        (0, 10, 0.0, 0.2775),
+        (5, 10, 0.2366, 0.7634),
+        (50, 100, 0.4038, 0.5962),
+        (10, 10, 0.7225, 1.0),
+        (1, 10, 0.0179, 0.4042),
+        (12, 100, 0.0700, 0.1981),
+        (0, 0, 0.0, 1.0),  # no questions: nothing is known
+    ],
+)
+def test_wilson_interval_known_values(k, n, lo, hi):
+    got = wilson_interval(k, n)
+    assert got == pytest.approx((lo, hi), abs=5e-5)
+    assert accuracy_ci95(k, n) == pytest.approx([lo, hi], abs=1e-9)  # stored rounded to 4 decimals
+    assert 0.0 <= got[0] <= (k / n if n else 0.0) <= got[1] <= 1.0
+
+
+def test_wilson_interval_narrows_with_n_and_rejects_bad_counts():
+    widths = [hi - lo for lo, hi in (wilson_interval(n // 2, n) for n in (10, 100, 1000))]
+    assert widths[0] > widths[1] > widths[2]
+    assert wilson_interval(3, 10, z=2.576)[1] > wilson_interval(3, 10)[1]  # 99% is wider than 95%
+    for k, n in [(11, 10), (-1, 10), (0, -1)]:
+        with pytest.raises(ValueError):
+            wilson_interval(k, n)
+
+
+def test_summary_markdown_shows_the_interval():
+    bench = {"n": 100, "n_correct": 12, "accuracy": 0.12, "accuracy_ci95": accuracy_ci95(12, 100),
+             "unparsed": 3, "unparsed_rate": 0.03, "format_compliance": 1.0, "mean_output_chars": 10.0}  # fmt: skip
+    old = {**bench, "n": 10, "n_correct": 5, "accuracy": 0.5}  # a summary written before the interval existed
+    del old["accuracy_ci95"]
+    summary = {"benchmarks": {"b100": bench, "b10": old},
+               "overall": {**bench, "n": 110, "n_correct": 17, "accuracy": 17 / 110, "accuracy_ci95": accuracy_ci95(17, 110)}}  # fmt: skip
+    md = render_markdown(summary)
+    assert "| b100 | 100 | 12.0% [7.0, 19.8] |" in md
+    assert "| b10 | 10 | 50.0% [23.7, 76.3] |" in md
+    assert f"| **all (micro)** | 110 | {ci_text(17, 110)} |" in md
+    assert "95% Wilson score interval" in md
 
 
 def test_compose_presets_and_overrides():
@@ -79,8 +127,10 @@ def test_medsft_eval_tiny_subprocess(tmp_path, models_cache_dir, tiny_model_dir)
         "eval=custom", f"eval.path={FIX / 'mini_mcq.json'}", "eval.limit=10", "eval.max_new_tokens=8",
         "eval.progress=false", f"eval.output_dir={out}", "eval.repetition_penalty=1.2", "--compat-huatuo",
     ]  # fmt: skip
+    # this checkout's medsft, not whichever one is installed (cwd is tmp_path, so it is not on sys.path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     preds, summary, md = read_outputs(out)
@@ -90,6 +140,15 @@ def test_medsft_eval_tiny_subprocess(tmp_path, models_cache_dir, tiny_model_dir)
     bench = summary["benchmarks"]["mini_mcq"]
     assert bench["n"] == 10 and bench["mean_output_tokens"] <= 8
     assert set(bench["compat_huatuo"]) >= {"accuracy", "head", "tail", "n_dropped_empty", "label"}
+    # every accuracy comes with its 95% Wilson interval, in summary.json and summary.md
+    k = sum(p["correct"] for p in preds)
+    assert bench["n_correct"] == k and bench["accuracy_ci95"] == accuracy_ci95(k, 10)
+    lo, hi = bench["accuracy_ci95"]
+    assert lo <= bench["accuracy"] <= hi and hi - lo > 0.2  # 10 questions: a wide interval
+    overall = summary["overall"]
+    assert overall["n"] == 10 and overall["accuracy_ci95"] == accuracy_ci95(k, 10)
+    assert f"| mini_mcq | 10 | {ci_text(k, 10)} |" in md
+    assert "95% Wilson score interval" in md
     assert "HuatuoGPT-compat (optimistic)" in md and "| mini_mcq | 10 |" in md
     assert summary["generation"]["repetition_penalty"] == 1.2 and "greedy, repetition penalty 1.2" in md
     assert "| mini_mcq | 10 |" in proc.stdout  # the table is printed too
@@ -109,6 +168,8 @@ def test_medsft_eval_headqa_in_process(tmp_path, models_cache_dir, tiny_model_di
     assert Path(tiny_model_dir).name in summary["model"]["label"]
     bench = summary["benchmarks"]["headqa_es_test"]
     assert bench["n"] == 10 and bench["n_in_file"] == 2742 and bench["skipped"] == {"has image": 67}
+    assert bench["accuracy_ci95"] == accuracy_ci95(bench["n_correct"], 10)
+    assert summary["overall"]["accuracy_ci95"] == accuracy_ci95(bench["n_correct"], 10)
     assert all(p["gold"] in "ABCD" for p in preds) and "has image: 67" in md
 
 

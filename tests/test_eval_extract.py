@@ -186,3 +186,118 @@ def test_invented_option_list_is_not_an_answer():
     assert ex("A. Fase de negación.\nB. Fase de Reorganización.\nC. Fase de Resolución.", OPT4_ES).answer is None
     assert ex("Respuesta:\nA. algo\nB. otra cosa\n\nLa respuesta correcta es la B.", OPT4_ES).answer == "B"
     assert ex("Es un trastorno:\nA. Que afecta a mujeres.\nB. Que afecta a hombres.\nC. Ambos.\nD", OPT4_ES).answer is None
+
+
+# ------------------------------------------------ a letter that starts a word is not a choice, after any cue
+
+OPT5_ES = {"A": "Insulina.", "B": "Glucagón.", "C": "Cortisol.", "D": "Tiroxina.", "E": "Adrenalina."}
+# No benchmark has options past J; a wide set makes the Spanish words "O", "U", "Y" valid letters, so these
+# cases test the rule itself, not the letter range.
+OPT_WIDE = {k: f"texto {k.lower()}{k.lower()}" for k in "ABCDEFGHIJKLMNOPQRSTUVWXY"}
+ROMAN = {"A": "I", "B": "II", "C": "III", "D": "IV"}  # option texts that are letters too
+ABO = {"A": "A", "B": "B", "C": "AB", "D": "O"}
+
+
+@pytest.mark.parametrize(
+    "text, options",
+    [
+        # Spanish preposition/conjunction "A", "E", "O", "Y", "U" starting the sentence after the cue
+        ("Respuesta: A menudo se asocia a hipertiroidismo.", OPT4_ES),
+        ("Respuesta: A menudo se asocia a hipertiroidismo.", OPT10),
+        ("La respuesta correcta es A veces difícil de precisar.", OPT4_ES),
+        ("Respuesta: E incluso podría ser otra.", OPT5_ES),
+        ("La respuesta es E incluso sin datos.", OPT10),
+        ("La respuesta es O bien la primera o la segunda.", OPT_WIDE),
+        ("Respuesta: Y además hay que descartar un tumor.", OPT_WIDE),
+        ("La respuesta correcta es U otra similar.", OPT_WIDE),
+        ("Respuesta: O bien una cosa o la otra.", OPT_WIDE),
+        ("**Respuesta:** A menudo, nada.", OPT4_ES),
+        # English article "A" and pronoun "I" after the cue (10 options: A and I are real options)
+        ("Answer: I don't know.", OPT10),
+        ("Answer: I'm not sure.", OPT10),
+        ("**Answer:** I am not sure", OPT10),
+        ("The answer is I guess unclear.", OPT10),
+        ("The answer is A deficiency of folate.", OPT4),
+        ("The answer is A deficiency of folate.", OPT10),
+        ("Answer: A 45-year-old man needs more tests.", OPT10),
+        ("The best option is A drug that blocks it.", OPT10),
+        ("I choose A different approach.", OPT10),
+        # a letter as the subject of a sentence is not declared the answer
+        ("Answer: B is unlikely here.", OPT4),
+        ("Answer: B is incorrect, C is right.", OPT4),
+        # a letter joined to a word
+        ("The answer is B-cell lymphoma.", OPT10),
+        # the same promise in the other steps: leading, thinking_pattern, option_text, numbers
+        ("A menudo la clínica orienta.", OPT4_ES),
+        ("E incluso así, no hay datos.", OPT5_ES),
+        ("## Thinking\n\nThe answer is A deficiency of B12.\n\n## Final Response\n\nFolate matters.", OPT4),
+        ("## Thinking\n\nRespuesta: A menudo...\n\n## Final Response\n\nNo lo sé.", OPT4_ES),
+        ("Answer: I don't know.", ROMAN),
+        ("A menudo es difícil saberlo.", ABO),
+        ("O bien, no lo sé.", ABO),
+        ("so I, after checking, think nothing.", OPT10),
+        ("Thus A doctor should check.", OPT10),
+    ],
+)
+def test_letter_starting_a_word_is_not_a_choice(text, options):
+    e = ex(text, options)
+    assert (e.answer, e.method) == (None, UNPARSED), e
+
+
+def test_number_starting_a_quantity_is_not_a_choice():
+    assert ex("La respuesta es 2 veces más frecuente.", HEADQA5, numeric=True).answer is None
+    assert ex("The answer is 3 mg per kg.", HEADQA5, numeric=True).answer is None
+    assert ex("La respuesta correcta es la 3, por la clínica.", HEADQA5, numeric=True).answer == "C"
+
+
+@pytest.mark.parametrize(
+    "text, options, answer, method",
+    [
+        # a letter that stands alone after the cue still parses
+        ("The answer is B.", OPT4, "B", "pattern"),
+        ("Respuesta: B", OPT4_ES, "B", "pattern"),
+        ("La respuesta correcta es la B, porque el colágeno...", OPT4_ES, "B", "pattern"),
+        ("Answer: (C)", OPT4, "C", "pattern"),
+        ("Answer: (C) because integrins bind", OPT4, "C", "pattern"),
+        ("**B**", OPT4, "B", "leading"),
+        ("B) Insulina", {"A": "Glucagón", "B": "Insulina", "C": "Cortisol"}, "B", "leading"),
+        ("Respuesta: A", OPT5_ES, "A", "pattern"),
+        ("Respuesta: E", OPT5_ES, "E", "pattern"),
+        ("Respuesta: E. Adrenalina", OPT5_ES, "E", "pattern"),
+        ("Respuesta: E Adrenalina", OPT5_ES, "E", "pattern"),  # followed by its own text
+        ("The answer is B (Collagen).", OPT4, "B", "pattern"),
+        ("The answer is B - Collagen", OPT4, "B", "pattern"),
+        ("The answer is **A**, fibronectin.", OPT4, "A", "pattern"),
+        ("Answer: A\nFibronectin binds cells.", OPT4, "A", "pattern"),
+        ("The answer is C, integrins.", OPT4, "C", "pattern"),
+        # a justification or an affirmation after the letter
+        ("The answer is B because collagen is strong.", OPT4, "B", "pattern"),
+        ("La respuesta es A porque la insulina baja la glucosa.", OPT5_ES, "A", "pattern"),
+        ("Answer: B is correct.", OPT4, "B", "pattern"),
+        ("Answer: B is the correct answer.", OPT4, "B", "pattern"),
+        # MMLU-Pro letters up to J
+        ("Answer: J", OPT10, "J", "pattern"),
+        ("Answer: I", OPT10, "I", "pattern"),
+        ("Answer: I.", OPT10, "I", "pattern"),
+        ("Answer: A", OPT10, "A", "pattern"),
+        ("The answer is I, option text ii.", OPT10, "I", "pattern"),
+        # a hedge inside the declaration: the letter after it, not the pronoun
+        ("Answer: I think it is C", OPT10, "C", "pattern"),
+        ("Answer: I think C.", OPT10, "C", "pattern"),
+        ("Respuesta: creo que es la C.", OPT4_ES, "C", "pattern"),
+        # a conclusion that ends its sentence on a letter
+        ("Answer: B is unlikely, so C.", OPT4, "C", "pattern"),
+        ("Answer: B is unlikely, so C is the answer.", OPT4, "C", "pattern"),
+        ("B is unlikely; therefore D.", OPT4, "D", "pattern"),
+        ("La B es poco probable. Por tanto, la C.", OPT4_ES, "C", "pattern"),
+        # the text names an option elsewhere: that option, never the letter starting the sentence
+        ("Respuesta: A menudo se asocia a la adrenalina.", OPT5_ES, "E", "option_text"),
+        # option texts that are letters: matched like letters (case-sensitive, standing alone)
+        ("Answer: I.", ROMAN, "A", "option_text"),
+        ("El grupo es O.", ABO, "D", "option_text"),
+        ("AB", ABO, "C", "option_text"),
+    ],
+)
+def test_letter_standing_alone_still_parses(text, options, answer, method):
+    e = ex(text, options)
+    assert (e.answer, e.method) == (answer, method), e

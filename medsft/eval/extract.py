@@ -3,24 +3,36 @@
 Order (first that yields an answer wins), applied to the *region*: the text after the last
 `## Final Response` header when the model wrote one, else the whole output.
 
-1. ``pattern``: explicit declarations, English and Spanish ("The answer is B", "Answer: B", "I choose B",
-   "La respuesta correcta es la B", "Respuesta: C", "la opción 3 es la correcta", "elijo la B"...). The last
-   declaration in the region wins (a model that corrects itself is scored on its final word).
+1. ``pattern``: explicit declarations, English and Spanish ("The answer is B", "Answer: B",
+   "Answer: I think it is B", "I choose B", "La respuesta correcta es la B", "Respuesta: C",
+   "Respuesta: creo que es la C", "la opción 3 es la correcta", "elijo la B"...), and a conclusion that ends
+   its sentence on a letter ("..., so C.", "Por tanto, la C."). The last declaration in the region wins (a
+   model that corrects itself is scored on its final word).
 2. ``leading``: the region *starts* with an option marker ("B", "B.", "B)", "(B)", "**B**", "Option B",
-   "Opción 3") followed by punctuation, the end, or that option's text; or its last line is only a marker.
-   "I think..." is NOT option I: a bare letter followed by an ordinary word is never read as a choice.
+   "Opción 3") that stands alone (below); or its last line is only a marker.
 3. ``mention``: explicit option references anywhere in the region ("option B", "opción 3", "(B)"), only when
    they all name the same option (two different ones = ambiguous, fall through).
-4. ``option_text``: the region is, starts with, or contains (word-bounded) exactly one option's text.
+4. ``option_text``: the region is, starts with, or contains (word-bounded) exactly one option's text. An
+   option whose text is a single letter (blood group "O", roman numeral "I") is matched like a bare letter:
+   case-sensitively and only when it stands alone.
 5. ``thinking_pattern``: only when a `## Final Response` exists but named no option, a step-1 declaration
    in the text before it (the conclusion of the reasoning).
 An echoed option list ("A. <text>\\nB. <text>..." for two or more options) is removed from the region first:
-repeating the options is not choosing one. Otherwise ``unparsed``: counted and scored wrong. Never a guess by string similarity (that is the
-HuatuoGPT-compat scorer's behaviour, see `compat.py`).
+repeating the options is not choosing one. Otherwise ``unparsed``: counted and scored wrong. Never a guess
+by string similarity (that is the HuatuoGPT-compat scorer's behaviour, see `compat.py`).
 
-Letters are matched case-sensitively (an article "a" is never option A). Options are letters A..J
-(MMLU-Pro has 10). For sets whose options are numbered in the source (HEAD-QA, CasiMedicos:
-``numeric=True``), "opción 3" / "respuesta 3" / "answer is 3" map to the third letter (C).
+A bare letter followed by an ordinary word is never read as a choice, in every step and after every cue:
+"I think...", "Answer: I don't know", "The answer is A deficiency of...", "Respuesta: A menudo...",
+"Respuesta: E incluso...", "Answer: B is unlikely" name no option (nor does a number: "The answer is 3 mg").
+A letter (or number) *stands alone* when what follows it is: the end or a newline; punctuation, i.e. one of
+`. , ; : ! ? ) ]` or a spaced dash (not a period or hyphen joining a word: "B-cell", "U.S."); that option's
+own text ("B Collagen", "B (Collagen)"); a justification ("because", "since", "porque", "ya que", "pues"...)
+or an affirmation ("is correct", "is the answer", "es la correcta"); or when emphasis or a bracket closes
+right after it ("**B** ...", "(C) ...", "B) ..."). A letter an option word names ("option B ...",
+"opción 3 ...") is read by ``mention``, which skips rejected ones. Letters are matched case-sensitively (an
+article "a" is never option A). Options are letters A..J (MMLU-Pro has 10). For sets whose options are
+numbered in the source (HEAD-QA, CasiMedicos: ``numeric=True``), "opción 3" / "respuesta 3" / "answer is 3"
+map to the third letter (C).
 """
 
 from __future__ import annotations
@@ -72,36 +84,50 @@ def _compiled(letters: str, n_numeric: int) -> dict:
     # The choice: optional emphasis/brackets around ONE letter (or digit), not followed by a letter/digit
     # (so "Bacteria" is not B, "10" is not 1).
     choice = (
-        r"(?:\*\*|__|\*)?[\(\[]?(?:\*\*)?(?P<c>" + core + r")(?:\*\*)?[\)\]]?(?:\*\*|__|\*)?"
+        r"(?P<ch>(?:\*\*|__|\*)?[\(\[]?(?:\*\*)?(?P<c>" + core + r")(?:\*\*)?[\)\]]?(?:\*\*|__|\*)?)"
         r"(?![A-Za-z0-9\u00C0-\u024F])"
     )
     n_art = r"(?:n[º°o]\.?\s*)?"
     la = r"(?:la\s+|el\s+)?"
     i = "(?i:"  # scoped case-insensitive group: words are case-insensitive, the letter is not
+    # A hedge inside a declaration ("Answer: I think it is C", "Respuesta: creo que es la C"); without the
+    # cue, "I think it's B" is not a declaration.
+    hedge_en = (i + r"(?:i\s+(?:think|believe|guess|would\s+say)\s+(?:that\s+)?"
+                r"(?:(?:it|this)(?:\s+is|'s|\s+would\s+be|\s+must\s+be|\s+should\s+be)\s+)?)?" + r")")
+    hedge_es = i + r"(?:(?:creo|pienso|dir[ií]a)\s+que\s+(?:(?:es|ser[ií]a)\s+)?)?" + r")"
+    # (regex, what must follow the choice): ALONE = it stands alone (see the module doc); FINAL = it also ends
+    # its sentence (a conclusion without an answer word: "so C."); None = the pattern itself says the letter is
+    # the answer ("Option D is correct").
     patterns = [
         # English
-        i + r"\banswer(?:\s+to\s+this\s+question)?" + r")" + _CHOICE_GAP
-        + i + r"(?:is|would\s+be|should\s+be|will\s+be|must\s+be)" + r")" + _CHOICE_GAP
-        + i + r"(?:(?:option|choice|letter)\s*)?" + r")" + r":?" + _CHOICE_GAP + choice,
-        i + r"\banswer" + r")" + _CHOICE_GAP + r"[:=\-–]" + _CHOICE_GAP
-        + i + r"(?:(?:option|choice)\s*)?" + r")" + choice,
-        i + r"\b(?:correct|right|best)\s+(?:option|choice)\s+(?:is|would\s+be)" + r")" + r":?" + _CHOICE_GAP + choice,
-        i + r"\bi(?:\s+would|\s+will|'ll|\s+shall)?\s+(?:choose|select|pick|go\s+with)\s+(?:option\s+|choice\s+)?" + r")" + choice,
-        i + r"\b(?:option|choice)\s+" + r")" + choice + i + r"\s+(?:is|would\s+be)\s+(?:the\s+)?(?:correct|right|best)" + r")",
+        (i + r"\banswer(?:\s+to\s+this\s+question)?" + r")" + _CHOICE_GAP
+         + i + r"(?:is|would\s+be|should\s+be|will\s+be|must\s+be)" + r")" + _CHOICE_GAP
+         + i + r"(?:(?:option|choice|letter)\s*)?" + r")" + r":?" + _CHOICE_GAP + choice, ALONE),
+        (i + r"\banswer" + r")" + _CHOICE_GAP + r"[:=\-–]" + _CHOICE_GAP + hedge_en
+         + i + r"(?:(?:option|choice)\s*)?" + r")" + choice, ALONE),
+        (i + r"\b(?:correct|right|best)\s+(?:option|choice)\s+(?:is|would\s+be)" + r")" + r":?" + _CHOICE_GAP + choice, ALONE),
+        (i + r"\bi(?:\s+would|\s+will|'ll|\s+shall)?\s+(?:choose|select|pick|go\s+with)\s+(?:option\s+|choice\s+)?" + r")"
+         + choice, ALONE),
+        (i + r"\b(?:option|choice)\s+" + r")" + choice + i + r"\s+(?:is|would\s+be)\s+(?:the\s+)?(?:correct|right|best)" + r")",
+         None),
         # Spanish
-        i + r"\brespuesta(?:\s+(?:correcta|final|adecuada|acertada|verdadera|m[aá]s\s+adecuada|m[aá]s\s+probable))?"
-        r"(?:\s+a\s+(?:esta|la)\s+pregunta)?" + r")" + _CHOICE_GAP
-        + i + r"(?:es|ser[ií]a|ser[aá])" + r")" + _CHOICE_GAP
-        + i + la + r"(?:(?:opci[oó]n|alternativa|respuesta|letra)\s*)?" + n_art + r")" + r":?" + _CHOICE_GAP + choice,
-        i + r"\brespuesta(?:\s+(?:correcta|final))?" + r")" + _CHOICE_GAP + r"[:=\-–]" + _CHOICE_GAP
-        + i + la + r"(?:(?:opci[oó]n|alternativa)\s*)?" + n_art + r")" + choice,
-        i + r"\b(?:opci[oó]n|alternativa)\s+(?:correcta|adecuada|acertada|m[aá]s\s+adecuada|m[aá]s\s+probable)"
-        r"\s*(?:es|ser[ií]a|ser[aá])?" + r")" + r":?" + _CHOICE_GAP + i + la + r")" + choice,
-        i + r"\bla\s+correcta\s+es\s+" + la + r"(?:(?:opci[oó]n|alternativa|respuesta)\s*)?" + r")" + choice,
-        i + r"\b(?:opci[oó]n|alternativa|respuesta)\s+" + n_art + r")" + choice
-        + i + r"\s+(?:es\s+)?(?:la\s+)?(?:correcta|verdadera|cierta|acertada)" + r")",
-        i + r"\b(?:elijo|escojo|selecciono|me\s+quedo\s+con|marcar[ií]a|marco|elegir[ií]a)\s+" + la
-        + r"(?:(?:opci[oó]n|alternativa|respuesta)\s*)?" + n_art + r")" + choice,
+        (i + r"\brespuesta(?:\s+(?:correcta|final|adecuada|acertada|verdadera|m[aá]s\s+adecuada|m[aá]s\s+probable))?"
+         r"(?:\s+a\s+(?:esta|la)\s+pregunta)?" + r")" + _CHOICE_GAP
+         + i + r"(?:es|ser[ií]a|ser[aá])" + r")" + _CHOICE_GAP
+         + i + la + r"(?:(?:opci[oó]n|alternativa|respuesta|letra)\s*)?" + n_art + r")" + r":?" + _CHOICE_GAP + choice, ALONE),
+        (i + r"\brespuesta(?:\s+(?:correcta|final))?" + r")" + _CHOICE_GAP + r"[:=\-–]" + _CHOICE_GAP + hedge_es
+         + i + la + r"(?:(?:opci[oó]n|alternativa)\s*)?" + n_art + r")" + choice, ALONE),
+        (i + r"\b(?:opci[oó]n|alternativa)\s+(?:correcta|adecuada|acertada|m[aá]s\s+adecuada|m[aá]s\s+probable)"
+         r"\s*(?:es|ser[ií]a|ser[aá])?" + r")" + r":?" + _CHOICE_GAP + i + la + r")" + choice, ALONE),
+        (i + r"\bla\s+correcta\s+es\s+" + la + r"(?:(?:opci[oó]n|alternativa|respuesta)\s*)?" + r")" + choice, ALONE),
+        (i + r"\b(?:opci[oó]n|alternativa|respuesta)\s+" + n_art + r")" + choice
+         + i + r"\s+(?:es\s+)?(?:la\s+)?(?:correcta|verdadera|cierta|acertada)" + r")", None),
+        (i + r"\b(?:elijo|escojo|selecciono|me\s+quedo\s+con|marcar[ií]a|marco|elegir[ií]a)\s+" + la
+         + r"(?:(?:opci[oó]n|alternativa|respuesta)\s*)?" + n_art + r")" + choice, ALONE),
+        # A conclusion ending its sentence on a choice: "B is unlikely, so C." / "Por tanto, la C."
+        (i + r"\b(?:so|therefore|thus|hence|in\s+conclusion|por\s+(?:lo\s+)?tanto|por\s+ello|por\s+consiguiente|"
+         r"as[ií]\s+que|en\s+conclusi[oó]n)\s*,?" + r")" + _CHOICE_GAP
+         + i + la + r"(?:(?:option|choice|opci[oó]n|alternativa)\s+)?" + r")" + choice, FINAL),
     ]
     # Leading marker: at the very start of the region.
     leading = re.compile(
@@ -115,11 +141,49 @@ def _compiled(letters: str, n_numeric: int) -> dict:
         r"(?![A-Za-z0-9\u00C0-\u024F])"
     )
     return {
-        "patterns": [re.compile(p) for p in patterns],
+        "patterns": [(re.compile(p), mode) for p, mode in patterns],
         "leading": leading,
         "mention": mention,
         "bare_line": re.compile(r"\A\s*" + choice + r"[\s.:)]*\Z"),
     }
+
+
+ALONE, FINAL = "alone", "final"
+# Words that may follow a bare letter that is a choice: a justification or an affirmation ("B because...",
+# "B is correct"); no noun phrase or sentence starts like that ("A deficiency", "A menudo", "I don't").
+_JUSTIFIED = re.compile(
+    r"(?i:because|since|porque|pues|ya\s+que|dado\s+que|puesto\s+que|debido\s+a"
+    r"|(?:is|es)\s+(?:the\s+|la\s+)?(?:correct|right|best|correcta|verdadera|cierta|acertada)"
+    r"|(?:is|es)\s+(?:the\s+|la\s+)?(?:(?:correct|right|best)\s+)?(?:answer|respuesta))\b"
+)
+
+
+def _stands_alone(text: str, start: int, end: int, option_text: str = "", mode: str = ALONE) -> bool:
+    """Is the letter (or number) at text[start:end] (with its emphasis/brackets) a choice, not the first
+    letter/word of a phrase ("A deficiency", "A menudo", "I don't know", "E incluso", "B is unlikely")?
+
+    ALONE: followed by the end, a newline or punctuation (a dash or period only when not joining a word:
+    "B-cell", "U.S."), by that option's own text, by a justification/affirmation ("because", "porque",
+    "is correct"); or closed by emphasis/bracket ("**B**", "(C)", "B)"). ("option B is wrong" is left to
+    the mention step, which skips rejected options.) FINAL: only followed by the end of its sentence (the
+    end, a newline, "." or "!") or an affirmation.
+    """
+    rest = text[end:]
+    nxt = rest.lstrip(" \t")
+    if rest[:1] in (".", "-") and rest[1:2].isalnum():
+        return False  # "B-cell", "U.S.", "A.M."
+    if not nxt or nxt[0] in "\r\n":
+        return True
+    if mode == FINAL:
+        return nxt[0] in ".!" or bool(_JUSTIFIED.match(nxt))
+    if nxt[0] in ".,;:!?)]…-–—":
+        return True
+    if text[start:end].endswith((")", "]", "*", "_")):
+        return True  # (C) / [C] / C) / **C** / _C_
+    opt = _norm_option(str(option_text or ""))
+    if opt and _norm(nxt.lstrip("(")[: len(opt) + 200]).startswith(opt[:40]):
+        return True  # "B Collagen" / "B (Collagen)"
+    return bool(_JUSTIFIED.match(nxt))
 
 
 def _to_letter(token: str, keys: list[str], numeric: bool) -> str | None:
@@ -149,20 +213,41 @@ def _find_word(haystack: str, needle: str) -> int:
     return m.start() if m else -1
 
 
+def _letter_texts(region: str, letter_texts: dict[str, str]) -> dict[str, int]:
+    """{key: position of the first stand-alone occurrence} for options whose text is one letter ("A", "O",
+    "I"): matched case-sensitively, like a bare letter ("A menudo", "O bien", "I don't" are words, not texts)."""
+    found = {}
+    for key, letter in letter_texts.items():
+        for m in re.finditer(r"(?<![\w])[*_(\[]*" + re.escape(letter) + r"(?:\*\*|__|[*_)\]])*(?![\w])", region):
+            if _stands_alone(region, m.start(), m.end(), letter):
+                found[key] = m.start()
+                break
+    return found
+
+
 def _option_text_match(region: str, options: dict[str, str]) -> tuple[str | None, str]:
     norm_region = _norm(region).strip(" .;:,!")
     if not norm_region:
         return None, ""
     variants: dict[str, list[str]] = {}
+    letter_texts: dict[str, str] = {}  # options whose whole text is one letter: never matched case-insensitively
     for key, text in options.items():
+        raw = str(text).strip(" .;:,*_")
+        if len(raw) == 1 and raw.isalpha():
+            letter_texts[key] = raw
+            continue
         base = _norm_option(str(text))
         names = [base] if base else []
         names += list(_YES_NO_ALIASES.get(base, ()))
         variants[key] = sorted(set(n for n in names if n), key=len, reverse=True)
+    letter_found = _letter_texts(region, letter_texts)
     # (a) the region is exactly an option text
     for key, names in variants.items():
         if norm_region in names:
             return key, norm_region
+    for key, letter in letter_texts.items():
+        if region.strip(" \t\r\n.;:,!*_()[]") == letter:
+            return key, letter
     # (b) the region starts with an option text (the longest such)
     best = None
     for key, names in variants.items():
@@ -172,6 +257,10 @@ def _option_text_match(region: str, options: dict[str, str]) -> tuple[str | None
                     best = (key, name)
     if best:
         return best
+    lead = len(region) - len(region.lstrip(" \t\r\n*_#>"))
+    for key, pos in letter_found.items():
+        if pos == lead:
+            return key, letter_texts[key]
     # (c) exactly one option text occurs (an option contained in another found option does not count)
     found = {}
     for key, names in variants.items():
@@ -180,17 +269,24 @@ def _option_text_match(region: str, options: dict[str, str]) -> tuple[str | None
                 found[key] = name
                 break
     keys = [k for k, name in found.items() if not any(name != other and name in other for other in found.values())]
+    keys += list(letter_found)
     if len(keys) == 1:
-        return keys[0], found[keys[0]]
+        return keys[0], found.get(keys[0]) or letter_texts[keys[0]]
     return None, ""
 
 
-def _last_pattern(region: str, rx: dict, keys: list[str], numeric: bool) -> tuple[str | None, str]:
+def _last_pattern(
+    region: str, rx: dict, options: dict[str, str], keys: list[str], numeric: bool
+) -> tuple[str | None, str]:
     best = None  # (position, letter, snippet)
-    for pattern in rx["patterns"]:
+    for pattern, mode in rx["patterns"]:
         for m in pattern.finditer(region):
             letter = _to_letter(m.group("c"), keys, numeric)
-            if letter is not None and (best is None or m.start("c") > best[0]):
+            if letter is None:
+                continue
+            if mode and not _stands_alone(region, m.start("ch"), m.end("ch"), options[letter], mode):
+                continue  # "Answer: I don't know", "The answer is A deficiency of...", "Respuesta: A menudo..."
+            if best is None or m.start("c") > best[0]:
                 best = (m.start("c"), letter, m.group(0))
     return (best[1], best[2].strip()) if best else (None, "")
 
@@ -200,21 +296,15 @@ def _leading(region: str, rx: dict, options: dict[str, str], keys: list[str], nu
     if m:
         letter = _to_letter(m.group("c"), keys, numeric)
         if letter is not None:
-            rest = region[m.end():]
-            nxt = rest.lstrip(" \t")
-            ok = (
-                not rest.strip()  # the region is just the marker
-                or nxt[:1] in (".", ")", ":", "]", "-", "–", ",", ";", "\n", "\r")
-                or m.group(0).rstrip().endswith((")", "]", "*", "_"))  # (B) / **B** / B)
-                or (rest[:1].isspace() and _norm(nxt).startswith(_norm_option(options[letter])[:40]) and options[letter])
-            )
+            nxt = region[m.end():].lstrip(" \t")
+            # An ordinary word after a bare letter ("I think", "A 45-year-old", "A menudo") is not a choice.
+            ok = _stands_alone(region, m.start("ch"), m.end("ch"), options[letter])
             if ok and m.group("c").isdigit() and not m.group(0).lstrip(" *_#([").lower().startswith(("op", "al", "re", "an", "ch")):
                 # "1. First, ..." opens a numbered list: a bare number is a choice only when alone or
                 # followed by that option's text ("3. Tres.")
                 after = _norm(nxt.lstrip(".):;,-– \t"))
                 opt = _norm_option(options[letter])
                 ok = not after.strip(" .") or bool(opt) and after.startswith(opt[:40])
-            # An ordinary word after a bare letter ("I think", "A 45-year-old") is not a choice.
             if ok:
                 return letter, m.group(0).strip()
     lines = [ln for ln in region.strip().splitlines() if ln.strip()]
@@ -302,7 +392,7 @@ def extract_answer(text: str, options: dict[str, str], numeric: bool = False) ->
 
     region = strip_option_list(region, options)
     steps = (
-        ("pattern", lambda r: _last_pattern(r, rx, keys, numeric)),
+        ("pattern", lambda r: _last_pattern(r, rx, options, keys, numeric)),
         ("leading", lambda r: _leading(r, rx, options, keys, numeric)),
         ("mention", lambda r: _mention(r, rx, keys, numeric)),
         ("option_text", lambda r: _option_text_match(r, options)),
@@ -313,7 +403,7 @@ def extract_answer(text: str, options: dict[str, str], numeric: bool = False) ->
             return Extraction(letter, method, region_name, evidence)
     if fc.has_final:
         before = text[: text.rfind(FINAL_RESPONSE_HEADER)]
-        letter, evidence = _last_pattern(before, rx, keys, numeric)
+        letter, evidence = _last_pattern(before, rx, options, keys, numeric)
         if letter is not None:
             return Extraction(letter, "thinking_pattern", "thinking", evidence)
     return Extraction(None, UNPARSED, region_name, "")

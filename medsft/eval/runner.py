@@ -21,7 +21,7 @@ from medsft.errors import ConfigError
 from medsft.eval.benchmarks import Benchmark, EvalItem, load_benchmarks
 from medsft.eval.compat import COMPAT_LABEL
 from medsft.eval.generate import GenerationResult, generate_batch, generate_vllm, vllm_available
-from medsft.eval.report import append_predictions, render_markdown, write_summary
+from medsft.eval.report import accuracy_ci95, append_predictions, render_markdown, write_summary
 from medsft.eval.scorer import score_items
 from medsft.models import load_model_and_tokenizer, load_tokenizer, resolve_model_dir, torch_dtype
 
@@ -57,11 +57,13 @@ def evaluate_benchmark(model: Any, tokenizer: Any, items: Sequence[EvalItem], ev
 
     For the training loop's generation eval: works on the bare model in-process (a wrapped model is
     unwrapped; train/eval mode is restored). `eval_cfg` is a composed `eval` node (medsft.eval.config).
-    Returns n, accuracy, n_correct, unparsed, unparsed_rate, format_compliance, mean_output_chars,
-    mean_output_tokens, truncated_rate, extraction_methods, seconds, tokens_per_second (and compat_huatuo).
+    Returns n, accuracy, accuracy_ci95 (its 95% Wilson interval), n_correct, unparsed, unparsed_rate,
+    format_compliance, mean_output_chars, mean_output_tokens, truncated_rate, extraction_methods, seconds,
+    tokens_per_second (and compat_huatuo).
     """
     if not items:
-        return {"n": 0, "accuracy": 0.0, "unparsed_rate": 0.0, "format_compliance": 0.0}
+        return {"n": 0, "accuracy": 0.0, "accuracy_ci95": accuracy_ci95(0, 0), "unparsed_rate": 0.0,
+                "format_compliance": 0.0}
     gen = generate_for_items(model, tokenizer, items, eval_cfg)
     _, metrics = score_items(
         items, gen.texts, new_tokens=gen.new_tokens, truncated=gen.truncated, compat=bool(eval_cfg.compat_huatuo),
@@ -115,10 +117,12 @@ def _overall(per_bench: dict) -> dict:
     def wsum(key: str) -> float:
         return sum(m.get(key, 0.0) * m["n"] for m in per_bench.values()) / n
 
+    n_correct = sum(m["n_correct"] for m in per_bench.values())
     return {
         "n": n,
-        "n_correct": sum(m["n_correct"] for m in per_bench.values()),
+        "n_correct": n_correct,
         "accuracy": wsum("accuracy"),
+        "accuracy_ci95": accuracy_ci95(n_correct, n),
         "unparsed": sum(m["unparsed"] for m in per_bench.values()),
         "unparsed_rate": wsum("unparsed_rate"),
         "format_compliance": wsum("format_compliance"),

@@ -10,6 +10,7 @@ from medsft.eval.benchmarks import EvalItem
 from medsft.eval.compat import COMPAT_LABEL, huatuo_match_choice, huatuo_postprocess, huatuo_score
 from medsft.eval.extract import METHODS, UNPARSED, extract_answer
 from medsft.eval.format import check_format
+from medsft.eval.report import accuracy_ci95
 
 
 def score_items(
@@ -22,7 +23,8 @@ def score_items(
 ) -> tuple[list[dict], dict]:
     """(predictions, metrics) for answers `outputs[i]` to `items[i]` (all of one benchmark, or mixed).
 
-    metrics: n, n_correct, accuracy (correct / n; unparsed counts as wrong), unparsed, unparsed_rate,
+    metrics: n, n_correct, accuracy (correct / n; unparsed counts as wrong), accuracy_ci95 (its 95% Wilson
+    score interval [lo, hi], `report.wilson_interval`), unparsed, unparsed_rate,
     format_compliance, mean_output_chars, mean_output_tokens (when new_tokens given), truncated_rate,
     extraction_methods {method: count}; with compat=True also `compat_huatuo` {accuracy, head, tail,
     n_scored, n_dropped_empty, label} computed with HuatuoGPT-o1's rules over the same outputs.
@@ -73,6 +75,7 @@ def score_items(
         "n": n,
         "n_correct": n_correct,
         "accuracy": n_correct / n if n else 0.0,
+        "accuracy_ci95": accuracy_ci95(n_correct, n),
         "unparsed": methods.get(UNPARSED, 0),
         "unparsed_rate": methods.get(UNPARSED, 0) / n if n else 0.0,
         "format_compliance": n_compliant / n if n else 0.0,
