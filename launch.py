@@ -7,11 +7,20 @@
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
+from medsft.runtime.startup import exit_on_sigterm
 
-from medsft.config import check_cli_overrides, register_configs
-from medsft.run import run_from_hydra
+exit_on_sigterm()  # first: a SIGTERM during the imports, data or model load exits 75 (medsft/runtime/startup.py)
+
+if __name__ == "__main__":  # secrets and unknown keys: refused before Hydra writes anything (and before torch loads)
+    from medsft.config.overrides import check_cli_overrides
+
+    check_cli_overrides(sys.argv[1:])
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from medsft.config import register_configs  # noqa: E402
+from medsft.run import run_from_hydra  # noqa: E402
 
 register_configs()
 
@@ -22,5 +31,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    check_cli_overrides(sys.argv[1:])
     main()

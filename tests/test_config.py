@@ -132,4 +132,5 @@ def test_unknown_key_names_the_allowed_keys_and_a_likely_fix():
     from medsft.config import unknown_override_keys
 
     assert unknown_override_keys(["experiment=local_test", "model=tiny_random", "hydra.run.dir=x", "rl.kl_coef=1",
-                                  "+extra=1", "hydra/launcher=slurm", "data.fields.question=Q"]) == []
+                                  "+experiment=demo", "hydra/launcher=slurm", "data.fields.question=Q",
+                                  "~experiment"]) == []

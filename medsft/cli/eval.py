@@ -16,6 +16,7 @@ import sys
 
 from omegaconf import OmegaConf
 
+from medsft.config.secrets import ENV_HINT, secret_override_problems
 from medsft.errors import ConfigError
 from medsft.eval.config import compose_eval_config
 from medsft.eval.runner import print_summary, run_evaluation
@@ -38,6 +39,9 @@ def cli_main(argv: list[str]) -> int:
             raise ConfigError(f"unknown option {a!r}; options: --compat-huatuo, --cfg, -h (overrides are key=value)")
         else:
             overrides.append(a)
+    secrets = secret_override_problems(overrides)
+    if secrets:  # refused before anything is composed or written (the config lands in the output folder)
+        raise ConfigError("\n  ".join([*secrets, ENV_HINT]))
     cfg = compose_eval_config(overrides)
     if print_cfg:
         print(OmegaConf.to_yaml(cfg))

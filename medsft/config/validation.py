@@ -10,7 +10,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from medsft.config.evaluate import EVAL_KINDS
+from medsft.config.ranges import (
+    betas_problems,
+    eval_benchmark_problems,
+    experiment_name_problems,
+    launcher_problems,
+    location_problems,
+    non_finite_problems,
+    range_problems,
+)
 from medsft.config.rl import ALGORITHMS, BUILTIN_REWARDS, LOSS_TYPES
+from medsft.config.secrets import secret_config_problems
 from medsft.errors import ConfigError
 
 DATA_FORMATS = ("auto", "json", "jsonl", "parquet")
@@ -56,19 +66,14 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None or value < 1:
             problems.append(f"{key}={value!r} must be >= 1")
-    for key in ("data.max_samples", "train.max_steps", "checkpoint.every_n_steps", "train.eval_every_n_steps"):
-        if OmegaConf.select(cfg, key) < 0:
-            problems.append(f"{key} must be >= 0")
+    # Every numeric range, finiteness, names and places (ranges.py); secrets in values (secrets.py).
+    problems += range_problems(cfg) + non_finite_problems(cfg) + betas_problems(cfg.optimizer.betas)
+    problems += launcher_problems(cfg) + experiment_name_problems(cfg.experiment_name) + location_problems(cfg)
+    problems += eval_benchmark_problems(cfg.checkpoint.eval_benchmark) + secret_config_problems(cfg)
     if cfg.checkpoint.max_ckpts < 1:
         problems.append(f"checkpoint.max_ckpts={cfg.checkpoint.max_ckpts} must be >= 1 (the newest is always kept)")
     if not 0.0 <= cfg.data.val_ratio < 1.0:
         problems.append(f"data.val_ratio={cfg.data.val_ratio} must be in [0, 1)")
-    if not 0.0 <= cfg.optimizer.warmup_rates <= 1.0:
-        problems.append(f"optimizer.warmup_rates={cfg.optimizer.warmup_rates} must be in [0, 1]")
-    if cfg.optimizer.learning_rate <= 0:
-        problems.append(f"optimizer.learning_rate={cfg.optimizer.learning_rate} must be > 0")
-    if not 0.0 <= cfg.optimizer.min_lr_ratio <= 1.0:
-        problems.append(f"optimizer.min_lr_ratio={cfg.optimizer.min_lr_ratio} must be in [0, 1]")
     for name in ("question", "reasoning", "response"):
         if not cfg.data.fields[name]:
             problems.append(f"data.fields.{name} must name a record key")
@@ -80,7 +85,7 @@ def validate(cfg: DictConfig) -> None:
         problems.append("push_to_hub=true needs hf_repo_id=<user>/<repo>")
     if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 0:
         problems.append(f"deepspeed={cfg.deepspeed.name} is enabled but deepspeed.zero_stage is 0")
-    if cfg.generation_check.repetition_penalty <= 0:
+    if not cfg.generation_check.repetition_penalty > 0:
         problems.append(f"generation_check.repetition_penalty={cfg.generation_check.repetition_penalty} must be > 0 "
                         "(1.0 = none)")
     if cfg.data.packing and cfg.data.group_by_length:
@@ -186,7 +191,7 @@ _EVAL_CHOICES = {
 def validate_eval(cfg: DictConfig | Any) -> None:
     """Cross-field checks of an evaluate config (or of a bare `eval` node); ConfigError names the key."""
     root = cfg if OmegaConf.select(cfg, "eval") is not None else OmegaConf.create({"eval": cfg})
-    problems = []
+    problems = non_finite_problems(root) + secret_config_problems(root)
     for key, allowed in _EVAL_CHOICES.items():
         value = OmegaConf.select(root, key)
         if value is not None and value not in allowed:

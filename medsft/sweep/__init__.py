@@ -16,6 +16,8 @@ import re
 
 from omegaconf import OmegaConf
 
+from medsft.config.secrets import redact
+
 FINAL_FILE = "final.json"
 CHECKPOINT_LINK = "checkpoints"
 REPORT_FILES = ("report.md", "report.csv", "loss_curves.png")
@@ -27,13 +29,13 @@ MAX_DIRNAME = 200
 
 def job_dirname(override_dirname: str, max_len: int = MAX_DIRNAME) -> str:
     """Hydra's override_dirname made safe as one folder name (the full overrides are always in the job's
-    .hydra/overrides.yaml): `/` -> `_`; when longer than max_len bytes, long floats are shown with 4 significant
-    digits, then keys by their last part (`optimizer.learning_rate` -> `learning_rate`), then the name is cut
-    and a hash of the whole appended so it stays unique."""
+    .hydra/overrides.yaml): token-like values redacted, `/` -> `_`; when longer than max_len bytes, long floats are
+    shown with 4 significant digits, then keys by their last part (`optimizer.learning_rate` -> `learning_rate`),
+    then the name is cut and a hash of the whole appended so it stays unique."""
     def fits(text: str) -> bool:
         return len(text.encode("utf-8")) <= max_len
 
-    name = str(override_dirname).replace("/", "_")
+    name = redact(str(override_dirname)).replace("/", "_")  # a secret never names a folder (config/secrets.py)
     if fits(name):
         return name
     short = re.sub(r"(?<==)-?\d+\.\d{5,}(?:[eE][-+]?\d+)?(?=,|$)", lambda m: f"{float(m.group(0)):.4g}", name)

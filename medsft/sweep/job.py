@@ -28,7 +28,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from medsft.config.secrets import redact
 from medsft.errors import ConfigError, MedsftError
+from medsft.runtime.startup import PREEMPTED_EXIT_CODE
 from medsft.outputs import summary_of
 from medsft.sweep import CHECKPOINT_LINK, FINAL_FILE
 from medsft.sweep.report import write_report
@@ -83,9 +85,11 @@ def _link_checkpoints(job_dir: Path, ckpt_root: Path) -> None:
 
 
 def write_final(job_dir: Path, record: dict) -> Path:
+    """final.json, atomically; any token-like text in it (an override, an error message) redacted."""
     path = Path(job_dir) / FINAL_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    text = redact(json.dumps(record, indent=2, ensure_ascii=False, default=str))
+    tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -170,8 +174,9 @@ def _failed(err: BaseException, job_dir: Path, sweep_dir: Path, record: dict, st
     else:
         message = str(err) or type(err).__name__
         exit_code = getattr(err, "exit_code", 1)
+    preempted = exit_code == PREEMPTED_EXIT_CODE
     write_final(job_dir, {
-        "status": "failed",
+        "status": "preempted" if preempted else "failed",
         **record,
         "error": message,
         "error_type": type(err).__name__,
@@ -181,7 +186,11 @@ def _failed(err: BaseException, job_dir: Path, sweep_dir: Path, record: dict, st
         "duration_s": round(time.time() - started, 3),
     })
     where = " ".join(record.get("overrides") or []) or str(job_dir)
-    print(f"medsft: sweep job {record.get('job_num')} failed ({where}): {message}", file=sys.stderr, flush=True)
+    print(redact(f"medsft: sweep job {record.get('job_num')} failed ({where}): {message}"), file=sys.stderr,
+          flush=True)
+    if preempted:  # the whole sweep is being stopped (a scheduler's SIGTERM): end it with 75, not the next job
+        print(f"medsft: preempted: stopping the sweep (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
     if not isinstance(err, MedsftError):
         log.error("sweep job %s failed", record.get("job_num"), exc_info=err)
     if not settings["continue_on_failure"]:

@@ -30,6 +30,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
+from medsft.config.secrets import redact
 from medsft.errors import MedsftError
 from medsft.outputs import METRICS_FILE, last_summary, read_records
 from medsft.outputs import objective as run_objective
@@ -170,7 +171,7 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
     overrides = _read_yaml(job_dir / ".hydra" / "overrides.yaml")
     if not isinstance(overrides, list):
         overrides = list(final.get("overrides") or [])
-    overrides = [str(o) for o in overrides]
+    overrides = [redact(str(o)) for o in overrides]  # a secret never reaches the report (medsft.config.secrets)
     params = dict(split_override(o) for o in overrides)
 
     records = read_records(job_dir)
@@ -183,7 +184,7 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
     error = None
     status = final.get("status")
     if status == "failed":
-        error = final.get("error") or "failed (no message)"
+        error = redact(str(final.get("error") or "failed (no message)"))
     elif status == "completed" or summary:
         status = "completed"
     else:

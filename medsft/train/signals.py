@@ -27,10 +27,9 @@ from typing import Optional
 import torch
 
 from medsft.errors import MedsftError
+from medsft.runtime.startup import PREEMPTED_EXIT_CODE  # what a SIGTERM before the loop's handler exits with
 
 log = logging.getLogger("medsft.signals")
-
-PREEMPTED_EXIT_CODE = 75
 
 
 class TrainingPreempted(MedsftError):
