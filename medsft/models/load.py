@@ -19,12 +19,14 @@ from typing import Any, Optional
 
 import torch
 from huggingface_hub import snapshot_download
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import is_flash_attn_2_available
 
 from medsft.config import TinyModelShape
 from medsft.errors import ModelSourceError
 from medsft.models.embedded import EMBEDDED_SMOLLM2, prepare_embedded_smollm2
+from medsft.models.files import model_dir_problems
 from medsft.models.pad_token import ensure_pad_token
 from medsft.models.tiny import TINY_SOURCES, prepare_tiny
 
@@ -92,6 +94,45 @@ def is_hub_id(resolved: str) -> bool:
     return not Path(resolved).is_dir()
 
 
+def _is_source(path: str) -> bool:
+    """embedded:/tiny-random: sources are built by medsft itself (complete by construction)."""
+    return str(path).strip() in ALLOWED_SOURCES
+
+
+def _check_local_dir(path: str, resolved: str, weights: bool = True, tokenizer: bool = True,
+                     config: bool = True) -> None:
+    if _is_source(path) or is_hub_id(resolved):
+        return
+    problems = model_dir_problems(Path(resolved), weights=weights, tokenizer=tokenizer, config=config)
+    if problems:
+        raise ModelSourceError(f"model.path={path} : the folder {resolved} is not a complete model: "
+                               + "; ".join(problems))
+
+
+def check_model_source(model_cfg: Any) -> None:
+    """Start-up check of `model.path` without loading it: a local folder must hold a config, a tokenizer and
+    whole weights (medsft.models.files); a bad scheme or a missing folder fails as in loading. Builds nothing
+    (embedded and tiny sources are prepared when the stage loads them) and asks no Hub."""
+    path = "" if model_cfg.path is None else str(model_cfg.path).strip()
+    if _is_source(path):
+        return
+    resolved = resolve_model_dir(path, model_cfg.cache_dir, model_cfg.tiny)  # a folder or Hub id: nothing built
+    _check_local_dir(path, resolved)
+
+
+def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Grow the model's embeddings (and LM head) to `len(tokenizer)` when tokens were added to the tokenizer
+    (medsft.data.render.ensure_chat_template adds the Llama-3 template's control tokens to a tokenizer whose
+    vocabulary lacks them); True if resized. The new rows start at the mean of the old ones."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) <= rows:
+        return False
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    log.warning("model embeddings resized from %d to %d rows for the tokens added to the tokenizer (they are "
+                "learned in training and saved with every checkpoint)", rows, len(tokenizer))
+    return True
+
+
 def _from_pretrained_kwargs(model_cfg: Any, resolved: str) -> dict:
     kwargs: dict[str, Any] = {"trust_remote_code": bool(model_cfg.trust_remote_code)}
     if is_hub_id(resolved):
@@ -100,6 +141,18 @@ def _from_pretrained_kwargs(model_cfg: Any, resolved: str) -> dict:
         if model_cfg.cache_dir:  # else HF's own cache, so a warm ~/.cache/huggingface is found
             kwargs["cache_dir"] = str(Path(model_cfg.cache_dir).expanduser())
     return kwargs
+
+
+# What from_pretrained raises on a damaged local folder (a bug elsewhere still shows its traceback).
+_LOAD_ERRORS = (OSError, ValueError, KeyError, SafetensorError, EOFError)
+
+
+def _load_error(path: str, resolved: str, err: Exception, what: str) -> ModelSourceError:
+    if is_hub_id(resolved):
+        return _hub_error(path, err)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return ModelSourceError(f"model.path={path} : cannot load the {what} from the folder {resolved} "
+                            f"({type(err).__name__}: {first})")
 
 
 def _hub_error(path: str, err: Exception) -> ModelSourceError:
@@ -121,10 +174,11 @@ def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
     Padding side and chat template are left as the model ships them.
     """
     resolved = _resolve(model_cfg)
+    _check_local_dir(model_cfg.path, resolved, weights=False, config=False)  # a tokenizer alone loads
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, **_from_pretrained_kwargs(model_cfg, resolved))
-    except OSError as err:
-        raise _hub_error(model_cfg.path, err) from err
+    except _LOAD_ERRORS as err:
+        raise _load_error(model_cfg.path, resolved, err, "tokenizer") from err
     ensure_pad_token(tokenizer)
     return tokenizer
 
@@ -141,22 +195,28 @@ def _attn_implementation(requested: str) -> str:
     return fallback
 
 
-def load_model(model_cfg: Any, dtype: torch.dtype | None = None) -> PreTrainedModel:
+def load_model(model_cfg: Any, dtype: torch.dtype | None = None,
+               tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
     """AutoModelForCausalLM for `model_cfg.path`.
 
     dtype: explicit, else `model_cfg.dtype`; "auto" means float32 here — the trainer, which knows the device and
-    mixed-precision setting, resolves "auto" and passes dtype.
+    mixed-precision setting, resolves "auto" and passes dtype. tokenizer: the one the model will be used with;
+    embeddings grow to fit the tokens added to it (`fit_embeddings`).
     """
     resolved = _resolve(model_cfg)
+    _check_local_dir(model_cfg.path, resolved, tokenizer=False)
     if dtype is None:
         dtype = torch_dtype(model_cfg.dtype)
     attn = _attn_implementation(model_cfg.attn_implementation)
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             resolved, dtype=dtype, attn_implementation=attn, **_from_pretrained_kwargs(model_cfg, resolved)
         )
-    except OSError as err:
-        raise _hub_error(model_cfg.path, err) from err
+    except _LOAD_ERRORS as err:
+        raise _load_error(model_cfg.path, resolved, err, "model") from err
+    if tokenizer is not None:
+        fit_embeddings(model, tokenizer)
+    return model
 
 
 def load_model_and_tokenizer(

@@ -10,6 +10,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
+from medsft.errors import MedsftError
 from medsft.eval.config import compose_eval_config
 from medsft.eval.runner import evaluate_benchmark, load_preset_items
 
@@ -32,13 +33,29 @@ def checkpoint_eval_config(cfg: DictConfig) -> Optional[DictConfig]:
     return eval_cfg
 
 
+def _skipped_under_zero3(cfg: DictConfig) -> bool:
+    return bool(cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3)
+
+
+def prepare_checkpoint_eval(cfg: DictConfig) -> Optional[tuple]:
+    """At start-up: (eval node, items) of checkpoint.eval_benchmark, so a preset that cannot compose or whose
+    data is missing fails before training, not at the first checkpoint; None when checkpoint evals are off."""
+    if not cfg.checkpoint.eval_benchmark or _skipped_under_zero3(cfg):
+        return None
+    try:
+        eval_cfg = checkpoint_eval_config(cfg)
+        return eval_cfg, load_preset_items(eval_cfg)
+    except MedsftError as err:
+        raise type(err)(f"checkpoint.eval_benchmark={cfg.checkpoint.eval_benchmark}: {err}") from err
+
+
 def evaluate_checkpoint(ctx) -> dict | None:
     """Collective-safe: the main process generates, every process waits. Returns the metrics (main only)."""
     cfg, accelerator = ctx.cfg, ctx.accelerator
     preset = cfg.checkpoint.eval_benchmark
     if not preset:
         return None
-    if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
+    if _skipped_under_zero3(cfg):
         log.info("checkpoint eval skipped under ZeRO-3 (sharded weights); run `medsft eval` on the checkpoint")
         return None
     metrics = None

@@ -27,6 +27,7 @@ from medsft.compute.attention import real_tokens, segment_lengths
 from medsft.compute.flops import ModelFlops, device_peak_flops
 from medsft.compute.kernels import forward_loss_sums, setup_kernels
 from medsft.config import to_plain_dict
+from medsft.config.secrets import redact
 from medsft.data.dataset import SFTData, build_sft_data
 from medsft.data.order import DataOrder, StepPlan
 from medsft.data.render import ensure_chat_template
@@ -40,7 +41,7 @@ from medsft.testing import faults  # TEST-ONLY fault injection hooks, inert unle
 from medsft.testing.debug_dump import write_debug_dump  # TEST-ONLY, a no-op unless $MEDSFT_DEBUG_DUMP is set
 from medsft.tracking import HubPusher, Tracker
 from medsft.train import checkpoint as ckpt
-from medsft.train.checkpoint_eval import evaluate_checkpoint
+from medsft.train.checkpoint_eval import evaluate_checkpoint, prepare_checkpoint_eval
 from medsft.train.generation_check import run_generation_check
 from medsft.train.metrics import MetricWindow
 from medsft.train.optim import build_optimizer, build_scheduler, lr_multiplier
@@ -89,6 +90,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> RunContext:
     accelerator = build_accelerator(cfg)
     set_seed(cfg.seed)
     is_main = accelerator.is_main_process
+    checkpoint_eval = prepare_checkpoint_eval(cfg)  # checkpoint.eval_benchmark resolved now, not at a checkpoint
     log.info("processes: %d, device: %s, mixed precision: %s", accelerator.num_processes, accelerator.device,
              accelerator.mixed_precision)
 
@@ -103,7 +105,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> RunContext:
                       cfg.train.n_epochs, cfg.train.max_steps)
 
     dtype = torch_dtype(cfg.model.dtype)  # "auto": fp32 master weights; mixed precision does the rest
-    model = load_model(cfg.model, dtype=dtype)
+    model = load_model(cfg.model, dtype=dtype, tokenizer=tokenizer)  # embeddings grow for added tokens
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -126,6 +128,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> RunContext:
         pusher=HubPusher(cfg.hf_repo_id, private=cfg.hub_private) if (cfg.push_to_hub and is_main) else None,
         loss_scale=loss_scale_for(accelerator), kernels=kernels, model_flops=model_flops,
         peak_flops=device_peak_flops(accelerator.device, accelerator.mixed_precision, dtype),
+        checkpoint_eval=checkpoint_eval,
     )
 
 
@@ -404,7 +407,7 @@ def run_name(cfg: DictConfig) -> str:
         overrides = HydraConfig.get().job.override_dirname
     except ValueError:  # not under Hydra (tests, medsft train from python)
         overrides = ""
-    return f"{cfg.experiment_name}-{overrides}" if overrides else cfg.experiment_name
+    return redact(f"{cfg.experiment_name}-{overrides}" if overrides else cfg.experiment_name)  # never a secret
 
 
 def _summarize(ctx: RunContext, report: dict, before: Optional[dict], after: Optional[dict]) -> dict:
