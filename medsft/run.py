@@ -11,8 +11,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from medsft.config import validate
-from medsft.errors import ConfigError, MedsftError
+from medsft.errors import ConfigError, MedsftError, output_error_from_os_error
+from medsft.models import check_model_source
 from medsft.runtime.relaunch import maybe_relaunch, record_exit
+from medsft.runtime.workspace import claim_outputs
 from medsft.sweep import register_resolvers as register_sweep_resolvers
 from medsft.sweep.job import is_multirun, run_job
 from medsft.train.loop import train
@@ -36,18 +38,30 @@ def _run_dir() -> Path:
 
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     """Validate and run the configured stage; returns the sweep objective. Raises MedsftError on user errors."""
+    try:
+        return _run(cfg, run_dir)
+    except OSError as err:  # a full disk, a read-only or forbidden path: the user's to fix, said plainly
+        user_error = output_error_from_os_error(err)
+        if user_error is None:
+            raise
+        raise user_error from err
+
+
+def _run(cfg: DictConfig, run_dir: Optional[Path]) -> Optional[float]:
     _check_required(cfg)
     validate(cfg)
+    check_model_source(cfg.model)  # a local model folder that lacks files fails now, not after the data
     run_dir = Path(run_dir) if run_dir is not None else _run_dir()
-    relaunched, objective = maybe_relaunch(cfg, run_dir)  # launcher.num_processes > 1: via accelerate launch
-    if relaunched:
-        return objective
-    if cfg.stage == "sft":
-        return train(cfg, run_dir)
-    if cfg.stage == "rl":
-        from medsft.rl.trainer import train_rl  # the optional extra `rl` (trl)
+    with claim_outputs(cfg, run_dir):  # writable output locations; one run per experiment folder (locked)
+        relaunched, objective = maybe_relaunch(cfg, run_dir)  # launcher.num_processes > 1: via accelerate launch
+        if relaunched:
+            return objective
+        if cfg.stage == "sft":
+            return train(cfg, run_dir)
+        if cfg.stage == "rl":
+            from medsft.rl.trainer import train_rl  # the optional extra `rl` (trl)
 
-        return train_rl(cfg, run_dir)
+            return train_rl(cfg, run_dir)
     raise ConfigError(f"stage={cfg.stage!r} is not available in this version (available: sft, rl)")
 
 

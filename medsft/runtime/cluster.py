@@ -89,18 +89,27 @@ def slurm_first_host(environ: Mapping[str, str] = os.environ) -> Optional[str]:
     return out[0] if out else None
 
 
+def this_machine_rank(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> int:
+    """This machine's rank: SLURM_NODEID in a SLURM allocation of launcher.num_machines nodes, else
+    launcher.machine_rank (0 on one machine)."""
+    machines = int(cfg.launcher.num_machines)
+    if machines == 1:
+        return 0
+    slurm_nodes = int(environ.get("SLURM_NNODES", "0") or 0)
+    if slurm_nodes == machines and environ.get("SLURM_NODEID", "").isdigit():
+        return int(environ["SLURM_NODEID"])
+    return int(cfg.launcher.machine_rank)
+
+
 def rendezvous(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> dict:
     """machine_rank / main_process_ip / main_process_port for this machine's `accelerate launch`."""
     launcher = cfg.launcher
     machines = int(launcher.num_machines)
-    machine_rank = int(launcher.machine_rank)
     ip = launcher.main_process_ip
     port = int(launcher.main_process_port)
     if machines == 1:
         return {"machine_rank": 0, "main_process_ip": ip, "main_process_port": port or pick_free_port()}
-    slurm_nodes = int(environ.get("SLURM_NNODES", "0") or 0)
-    if slurm_nodes == machines and environ.get("SLURM_NODEID", "").isdigit():
-        machine_rank = int(environ["SLURM_NODEID"])
+    machine_rank = this_machine_rank(cfg, environ)
     ip = ip or environ.get("MASTER_ADDR") or slurm_first_host(environ)
     port = port or slurm_job_port(environ) or 0
     if not ip:

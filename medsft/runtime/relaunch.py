@@ -46,6 +46,7 @@ from medsft.runtime.cluster import (
     slurm_task_per_process,
     world_size,
 )
+from medsft.runtime.lock import held_fds
 
 log = logging.getLogger("medsft.launcher")
 
@@ -233,7 +234,8 @@ def run_child(argv: list[str], env: dict, cwd: Path) -> int:
     nearly up") become SIGTERM to the training processes themselves: they save a checkpoint at the next step
     boundary and exit (medsft/train/signals.py); torchrun, signalled itself, would SIGKILL them 30 s later.
     """
-    proc = subprocess.Popen(argv, env=env, cwd=str(cwd), start_new_session=True,
+    # The experiment lock's file is inherited: the lock lives until the launcher too has exited (runtime/lock.py).
+    proc = subprocess.Popen(argv, env=env, cwd=str(cwd), start_new_session=True, pass_fds=held_fds(),
                             preexec_fn=_set_parent_death_signal if sys.platform.startswith("linux") else None)
     forwarded = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None]
     previous = {}
