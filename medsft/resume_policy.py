@@ -75,6 +75,8 @@ def refuse_inexact(path: Path, differences: list[str], resume_cfg) -> None:
     if differences and not resume_cfg.allow_config_change:
         raise ConfigError(
             f"cannot resume exactly from {path}: the run differs in\n  - " + "\n  - ".join(differences)
-            + "\npass resume.allow_config_change=true to continue anyway, or resume.from_checkpoint=never "
-              "resume.overwrite=true to start over"
+            + f"\n{Path(path).parent} holds the checkpoints of a run with another config under the same "
+              "experiment_name. To run this one separately, give it its own name (experiment_name=<name>) or "
+              "output_dir; to continue that run with this config, pass resume.allow_config_change=true; to replace "
+              "it, resume.from_checkpoint=never resume.overwrite=true (deletes its checkpoints)"
         )

@@ -135,9 +135,14 @@ def test_rotation_never_deletes_the_newest_even_with_keep_below_one(tmp_path):
 
 
 def _fake_checkpoint(root: Path, step: int, epoch: int = 0) -> Path:
+    """A structurally intact checkpoint without a model behind it: state, weights and training state files."""
+    from safetensors.torch import save_file
+
     path = root / ckpt.checkpoint_name(epoch, step)
-    path.mkdir(parents=True)
+    (path / ckpt.TRAINING_STATE_DIR).mkdir(parents=True)
     (path / ckpt.STATE_FILE).write_text(json.dumps({"global_step": step}), encoding="utf-8")
+    save_file({"w": torch.zeros(2)}, str(path / "model.safetensors"))
+    torch.save({"step": step}, path / ckpt.TRAINING_STATE_DIR / "optimizer.bin")
     (path / ckpt.COMPLETE_MARKER).write_text("ok\n", encoding="utf-8")
     return path
 

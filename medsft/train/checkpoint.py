@@ -7,6 +7,7 @@ Layout of `{root}/checkpoint-{epoch}-{step}/`:
     trainer_state.json     position in the data (epoch, optimizer steps done in it), step and skip counters,
                            the metric window not yet logged, wandb run id, config fingerprint
     medsft_config.yaml     the resolved config of the run (no secrets)
+    MANIFEST.json          every file's size and checksum, verified before the checkpoint is used (integrity.py)
     COMPLETE               written last; a folder without it is never resumed from or counted as kept
 
 Crash safety (a process may be SIGKILLed at any instruction):
@@ -31,7 +32,9 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from medsft.errors import OutputError
 from medsft.testing import faults  # TEST-ONLY hooks, inert unless $MEDSFT_TEST_FAULTS is set
+from medsft.train import integrity
 
 log = logging.getLogger("medsft.checkpoint")
 
@@ -117,11 +120,22 @@ def save_checkpoint(
     trainer_state: dict,
     cfg,
 ) -> Path:
-    """Collective: every process must call it. Returns the final checkpoint path."""
+    """Collective: every process must call it. Returns the final checkpoint path.
+
+    Refused before anything is written when the weights are not finite (TrainingDiverged) or the disk lacks
+    room (OutputError); a write that fails removes the partial temporary folder (medsft.train.integrity).
+    """
     started = time.perf_counter()
     root = Path(root)
     final = root / checkpoint_name(epoch, step)
     tmp = root / f"{TMP_PREFIX}{checkpoint_name(epoch, step)}"
+    latest = latest_complete_checkpoint(root)
+
+    # The full (ZeRO-3: gathered) state dict; a collective, so all processes take part.
+    state_dict = accelerator.get_state_dict(model)
+    integrity.refuse_non_finite(accelerator, state_dict, step, root, latest, cfg.optimizer.learning_rate)
+    need = integrity.estimate_bytes(accelerator, state_dict, optimizer_of(accelerator), latest)
+    integrity.ensure_free_space(accelerator, root, need, latest)
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # left by a save of this step that was killed
@@ -129,29 +143,38 @@ def save_checkpoint(
         tmp.mkdir()
     accelerator.wait_for_everyone()
 
-    # The full (ZeRO-3: gathered) state dict; a collective, so all processes take part.
-    state_dict = accelerator.get_state_dict(model)
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(
-        tmp,
-        is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save,
-        state_dict=state_dict,
-        safe_serialization=True,
-    )
-    del state_dict
-    accelerator.save_state(str(tmp / TRAINING_STATE_DIR))
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
-        OmegaConf.save(cfg, tmp / CONFIG_FILE, resolve=True)
+    failure: Optional[BaseException] = None
+    try:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(
+            tmp,
+            is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save,
+            state_dict=state_dict,
+            safe_serialization=True,
+        )
+        del state_dict
+        accelerator.save_state(str(tmp / TRAINING_STATE_DIR))
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(tmp)
+            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
+            OmegaConf.save(cfg, tmp / CONFIG_FILE, resolve=True)
+    except Exception as err:  # noqa: BLE001 - decided together below, so no process waits for a failed one
+        failure = err
+    _raise_if_failed(accelerator, failure, root, tmp, need, latest)
     accelerator.wait_for_everyone()
     faults.in_save(step)  # TEST-ONLY (MEDSFT_TEST_FAULTS=kill_in_save=N): every file written, no marker yet
 
     if accelerator.is_main_process:
-        _fsync_tree(tmp)
-        _write_synced(tmp / COMPLETE_MARKER, "ok\n")
-        _fsync_dir(tmp)
+        try:
+            integrity.write_manifest(tmp)  # sizes and checksums, verified before a resume uses the checkpoint
+            _fsync_tree(tmp)
+            _write_synced(tmp / COMPLETE_MARKER, "ok\n")
+            _fsync_dir(tmp)
+        except Exception as err:  # noqa: BLE001
+            failure = err
+    _raise_if_failed(accelerator, failure, root, tmp, need, latest)
+    if accelerator.is_main_process:
         trash = root / f"{TRASH_PREFIX}{final.name}"
         if final.exists():  # a re-save of the same step: the old copy is un-named only now the new one is complete
             shutil.rmtree(trash, ignore_errors=True)
@@ -162,6 +185,31 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     log.info("checkpoint %s written in %.2f s", final.name, time.perf_counter() - started)
     return final
+
+
+def optimizer_of(accelerator):
+    """The (first) prepared optimizer, for sizing its state; None when there is none."""
+    optimizers = getattr(accelerator, "_optimizers", None) or []
+    return optimizers[0] if optimizers else None
+
+
+def _raise_if_failed(accelerator, failure: Optional[BaseException], root: Path, tmp: Path, need: int,
+                     latest: Optional[Path]) -> None:
+    """Collective: when a write failed on any process, remove the partial folder and raise on every process
+    (a full disk as OutputError naming the space needed and free)."""
+    if not integrity.any_process(accelerator, failure is not None):
+        return
+    disk_full = failure is not None and integrity.is_disk_full(failure, root, need)
+    disk_full = integrity.any_process(accelerator, disk_full)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if disk_full:
+        raise OutputError(integrity.no_space_message(root, need, latest, removed=tmp.name)) from failure
+    if failure is not None:
+        raise failure
+    raise OutputError(f"writing the checkpoint {tmp.name} into {root} failed on another process (its message is "
+                      "above); the partial folder was removed")
 
 
 def rotate_checkpoints(root: Path, keep: int, protect: Optional[Path] = None) -> list[Path]:

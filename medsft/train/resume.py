@@ -2,8 +2,10 @@
 restoring everything the next step depends on.
 
 resume.from_checkpoint:
-    auto (default)  the newest COMPLETE checkpoint under {output_dir}/{experiment_name}, else a fresh start;
-                    when that checkpoint is the run's last step, the run is reported complete and nothing trains
+    auto (default)  the newest COMPLETE checkpoint under {output_dir}/{experiment_name} that is intact (sizes and
+                    checksums as written, medsft.train.integrity; damaged newer ones are set aside, saying so),
+                    else a fresh start; when that checkpoint is the run's last step, the run is reported
+                    complete and nothing trains
     never           a fresh start; refused when the checkpoint folder already holds checkpoints, unless
                     resume.overwrite=true (then they are deleted first, so they can never be mistaken for this
                     run's checkpoints by rotation or by a later resume=auto)
@@ -30,7 +32,7 @@ import torch
 from accelerate.utils import load
 from accelerate.utils.constants import RNG_STATE_NAME
 
-from medsft.errors import ConfigError
+from medsft.errors import ConfigError, OutputError
 from medsft.resume_policy import (
     AUTO,
     FRESH,
@@ -41,6 +43,7 @@ from medsft.resume_policy import (
     saved_config_differences,
 )
 from medsft.train import checkpoint as ckpt
+from medsft.train import integrity
 from medsft.train.state import TrainState, run_fingerprint
 
 log = logging.getLogger("medsft.resume")
@@ -74,17 +77,46 @@ def find_resume_checkpoint(resume_cfg, ckpt_root: Path) -> Path | None:
 
     Pure: deletes nothing (maybe_resume does, on the main process, when resume.overwrite=true).
     """
+    return _choose(resume_cfg, ckpt_root)[0]
+
+
+def _problems(path: Path) -> list[str]:
+    return integrity.checkpoint_problems(path, ckpt.STATE_FILE, ckpt.TRAINING_STATE_DIR)
+
+
+def _choose(resume_cfg, ckpt_root: Path) -> tuple[Optional[Path], list[Path]]:
+    """(the checkpoint to continue from or None, the damaged newer ones resume=auto skipped). Every checkpoint
+    is verified before use (medsft.train.integrity); resume=auto falls back to the newest intact one."""
     choice = str(resume_cfg.from_checkpoint).strip()
     existing = ckpt.list_complete_checkpoints(ckpt_root)
     if resume_choice(choice) == FRESH:
         refuse_fresh_start(resume_cfg, ckpt_root, existing)
-        return None
+        return None, []
     if resume_choice(choice) == AUTO:
-        return existing[-1] if existing else None
+        damaged: list[tuple[Path, list[str]]] = []
+        for candidate in reversed(existing):
+            problems = _problems(candidate)
+            if not problems:
+                for bad, why in damaged:
+                    log.warning("checkpoint %s is damaged (%s): resuming from %s instead", bad, "; ".join(why),
+                                candidate.name)
+                return candidate, [bad for bad, _ in damaged]
+            damaged.append((candidate, problems))
+        if damaged:
+            raise OutputError(
+                f"no intact checkpoint to resume from in {ckpt_root}: "
+                + "; ".join(f"{bad.name}: {', '.join(why)}" for bad, why in damaged)
+                + ". Start over with resume.from_checkpoint=never resume.overwrite=true (deletes them), or move "
+                  "them away"
+            )
+        return None, []
     path = Path(choice).expanduser().resolve()
     if not (path / ckpt.COMPLETE_MARKER).is_file():
         raise ConfigError(f"resume.from_checkpoint={choice}: not a complete medsft checkpoint (no "
                           f"{ckpt.COMPLETE_MARKER} file in it)")
+    problems = _problems(path)
+    if problems:
+        raise OutputError(f"resume.from_checkpoint={choice}: the checkpoint is damaged: {'; '.join(problems)}")
     newer = _newer_than(path, existing)
     if newer and not resume_cfg.overwrite:
         raise ConfigError(
@@ -92,7 +124,7 @@ def find_resume_checkpoint(resume_cfg, ckpt_root: Path) -> Path | None:
             f"({', '.join(p.name for p in newer)}); the resumed run would mix with them (rotation, resume=auto). "
             f"Pass resume.overwrite=true to delete them, or resume into another experiment_name / output_dir"
         )
-    return path
+    return path, []
 
 
 def _newer_than(path: Path, existing: list[Path]) -> list[Path]:
@@ -166,7 +198,7 @@ def maybe_resume(ctx) -> Optional[Resumed]:
     Returns None for a fresh start. Collective: every process must call it.
     """
     cfg, accelerator = ctx.cfg, ctx.accelerator
-    path = find_resume_checkpoint(cfg.resume, ctx.ckpt_root)
+    path, damaged = _choose(cfg.resume, ctx.ckpt_root)
     doomed = _to_delete(cfg.resume, ctx.ckpt_root, path)
     if path is not None:
         saved = ckpt.read_trainer_state(path)
@@ -177,6 +209,9 @@ def maybe_resume(ctx) -> Optional[Resumed]:
             log.warning("resuming from %s with a changed config (resume.allow_config_change=true): %s", path,
                         "; ".join(differences))
     accelerator.wait_for_everyone()  # every process has decided before anything is deleted
+    if damaged and accelerator.is_main_process:  # never counted again (rotation, resume=auto); kept to inspect
+        for bad in damaged:
+            log.warning("damaged checkpoint %s set aside as %s", bad.name, integrity.set_aside(bad).name)
     if doomed and accelerator.is_main_process:
         log.warning("resume.overwrite=true: deleting %d checkpoint(s) in %s: %s", len(doomed), ctx.ckpt_root,
                     ", ".join(p.name for p in doomed))
