@@ -91,7 +91,7 @@ def test_grid_multirun_2x2_job_folders_report_and_plots(tmp_path: Path, tiny):
     text_suffixes = (".yaml", ".json", ".log", ".jsonl", ".md", ".csv")
     written = [p for p in sweep.rglob("*") if p.is_file() and p.suffix in text_suffixes]
     assert written and not [p for p in written if SECRET in p.read_text(errors="ignore")]  # no token from the env
-    assert not (tmp_path / "ckpts" / "demo_smollm2_es").exists()
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["sweeps"]  # no shared experiment folder
 
     rows = report_rows(sweep)
     assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
