@@ -1,7 +1,7 @@
 """`python launch.py launcher.num_processes=8 ...` starts the distributed job itself.
 
 When the composed config asks for more than one process (launcher.num_processes > 1 or num_machines > 1), or
-for DeepSpeed (which needs a process group even on one device), and this process is not already one of a
+for DeepSpeed or FSDP (which need a process group even on one device), and this process is not already one of a
 distributed job (medsft.runtime.cluster), the same config is re-invoked as a subprocess through `accelerate
 launch` (torchrun underneath; plain torchrun for a single DeepSpeed process): the child gets this run's Hydra
 overrides, so it composes the same config (checked: it refuses to start on any difference), writes into this
@@ -12,6 +12,7 @@ own code, e.g. 2 for a config error, not torchrun's generic 1).
 On CPU (no CUDA, or launcher.cpu=true) the child runs `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu
 --num_processes N` (gloo): `accelerate launch --cpu` would silently start ONE process. DeepSpeed runs are
 launched the same way without ACCELERATE_USE_CPU (which would drop DeepSpeed); their Accelerator picks gloo.
+FSDP runs keep ACCELERATE_USE_CPU: their Accelerator turns FSDP on over gloo itself (medsft.runtime.fsdp).
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ class DistributedJobFailed(MedsftError):
 
 
 def needs_relaunch(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> bool:
-    # DeepSpeed needs a process group even for one process (zero2_local): torchrun's variables give it one.
-    wants = world_size(cfg) > 1 or int(cfg.launcher.num_machines) > 1 or bool(cfg.deepspeed.enabled)
+    # DeepSpeed and FSDP need a process group even for one process (zero2_local): torchrun's variables give it one.
+    engine = bool(cfg.deepspeed.enabled or cfg.fsdp.enabled)
+    wants = world_size(cfg) > 1 or int(cfg.launcher.num_machines) > 1 or engine
     return wants and not inside_launcher(environ) and not slurm_task_per_process(cfg, environ)
 
 
@@ -125,6 +127,8 @@ def child_env(cfg: DictConfig, launch_dir: Path, environ: Mapping[str, str] = os
         if cfg.deepspeed.enabled and cfg.launcher.cpu:
             env["CUDA_VISIBLE_DEVICES"] = ""  # DeepSpeed on CPU although this machine has GPUs
             env["DS_ACCELERATOR"] = "cpu"
+    if cfg.fsdp.enabled and cfg.launcher.cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # FSDP2 builds its device mesh on the default accelerator: hide the GPUs
     return env
 
 
