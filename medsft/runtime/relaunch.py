@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 
 from medsft.config import flatten, to_plain_dict
 from medsft.errors import ConfigError, MedsftError
+from medsft.models import resolve_model_dir
 from medsft.outputs import objective_of
 from medsft.runtime.accelerator import use_cpu
 from medsft.runtime.cluster import (
@@ -272,9 +273,18 @@ def run_child(argv: list[str], env: dict, cwd: Path) -> int:
                 proc.kill()
 
 
+def prepare_model_source(cfg: DictConfig) -> None:
+    """Build a locally made model (embedded SmolLM2, tiny-random) into the cache here, once, before the workers
+    start: otherwise whichever worker takes the cache lock first builds it, and transformers writes a model's
+    weights only on rank 0 of a process group, so a build by another rank would leave a cache entry without
+    weights. Hub ids and local folders are left as they are (nothing is downloaded here)."""
+    resolve_model_dir(cfg.model.path, cfg.model.cache_dir, cfg.model.tiny)
+
+
 def relaunch(cfg: DictConfig, run_dir: Path) -> Optional[float]:
     """Run this config as an `accelerate launch` job; returns its objective, raises DistributedJobFailed."""
     check_launcher(cfg)
+    prepare_model_source(cfg)
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     hydra_args, cwd = hydra_child_args(cfg, run_dir)
