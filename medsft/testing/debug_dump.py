@@ -2,7 +2,9 @@
 
 Inert unless $MEDSFT_DEBUG_DUMP names a folder: then, at the end of training, every process writes
 rank<N>.json there (step counts, a hash of the full weights, the LR in the real optimizer, the optimizer's
-parameter groups, peak RSS) and rank 0 the logits of a fixed input. It has no config key on purpose, so a production config can never enable it.
+parameter groups, peak RSS and GPU memory) and rank 0 the logits of a fixed input. It has no config key on
+purpose, so a production config can never enable it. benchmarks/gpu_check.py and benchmarks/distributed.py
+read it too.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ def write_debug_dump(ctx) -> None:
     if not out:
         return
     out = Path(out)
+    # Peaks of the training itself, before the gathers below add their own.
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: ru_maxrss is in kilobytes
+    peak_gpu_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     accelerator, model = ctx.accelerator, ctx.model
     engine = deepspeed_engine(accelerator)
     module = accelerator.unwrap_model(model)
@@ -104,8 +109,8 @@ def write_debug_dump(ctx) -> None:
         "param_groups": _param_groups(optimizer),
         "fsdp": {"units": fsdp_units(module), "distributed_type": str(accelerator.distributed_type)}
         if is_fsdp(accelerator) else None,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: kilobytes
-        "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "peak_rss_mib": peak_rss_mib,
+        "peak_gpu_mem_gib": peak_gpu_gib,
         "deepspeed": None if engine is None else {
             "zero_stage": engine.zero_optimization_stage(),
             "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
