@@ -2,7 +2,8 @@
 the plugin and the accelerate file built from the config, the start-up refusals, and real 2-process gloo runs
 through launch.py's relaunch on the tiny random model.
 
-    full_shard run      2 processes x bsz 2 x accumulation 2, test_distributed.py's recipe (NaN at step 3):
+    full_shard run      2 processes x bsz 2 x accumulation 2, test_distributed.py's recipe (NaN at step 3), with
+                        transformers' gradient checkpointing and the chunked loss (the demo preset's):
                         LR identical at every step and step-1 loss/grad norm within 1e-6/1e-5 of ONE process
                         with the same global batch; both ranks stepped and end with identical gathered weights;
                         the weight-decay group holds matrices only; the checkpoint's full weights reload with
@@ -12,6 +13,7 @@ through launch.py's relaunch on the tiny random model.
     resume              shard_grad_op + packing + chunked loss + FSDP activation checkpointing, attention
                         dropout: SIGKILL inside step 5, resume -> every loss and the final weights bitwise
                         equal to an uninterrupted run; another world size is refused
+    benchmark           benchmarks/distributed.py --smoke (DDP and FSDP2 side by side)
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from safetensors.torch import load_file
 
 from medsft.config import validate
 from medsft.errors import ConfigError
+from medsft.resume_policy import refuse_inexact
 from medsft.testing.faults import ENV as FAULTS
 from medsft.train import checkpoint as ckpt
+from medsft.train.resume import exactness_differences
 from test_distributed import (NAN_STEP, RECIPE, RUN_TIMEOUT_S, TOTAL_STEPS, _check_run_against_reference, _dump,
                               _records, reference)  # noqa: F401 - `reference` is a fixture used below
-from train_utils import ROOT, launch, tiny_overrides
+from train_utils import ROOT, compose_cfg, launch, tiny_overrides
 
 SHARED_EVAL = ROOT / "tests" / "fixtures" / "eval" / "headqa_mini"
 
@@ -191,7 +195,8 @@ def full_shard(tmp_path_factory):
     env = {**os.environ, "MEDSFT_DEBUG_DUMP": str(tmp / "dump"), FAULTS: f"nan_at_steps={NAN_STEP}",
            "MEDSFT_SHARED_DATA": str(_shared_eval_dir(tmp))}
     result = launch(*tiny_overrides(tmp), *RECIPE, "launcher=cpu_2proc", "train.train_bsz_per_gpu=2",
-                    "fsdp=full_shard", "generation_check.enabled=true", "generation_check.num_questions=2",
+                    "fsdp=full_shard", "model.gradient_checkpointing=true", "generation_check.enabled=true",
+                    "generation_check.num_questions=2",
                     "generation_check.max_new_tokens=8", "checkpoint.eval_benchmark=headqa_es",
                     "checkpoint.eval_limit=3", "checkpoint.eval_max_new_tokens=4", f"hydra.run.dir={tmp / 'run'}",
                     env=env, timeout=RUN_TIMEOUT_S)
@@ -304,10 +309,14 @@ def test_fsdp_sigkill_then_resume_is_bitwise_exact_and_another_world_size_is_ref
     root = tmp / "ckpts" / "tiny"
     assert [p.name for p in ckpt.list_complete_checkpoints(root)] == ["checkpoint-0-4"]
 
-    other_world = run(tmp, "refused", "launcher.num_processes=1")  # the same FSDP job on one process
-    assert other_world.returncode == 2, other_world.stderr[-3000:]
-    assert "cannot resume exactly" in other_world.stderr and "world_size: checkpoint 2 != now 1" in other_world.stderr
-    assert _losses(tmp / "refused") == {}
+    # The same job on one process would be refused before loading anything (the sharded state is per process).
+    path = ckpt.latest_complete_checkpoint(root)
+    saved = ckpt.read_trainer_state(path)
+    cfg = compose_cfg([*tiny_overrides(tmp), f"model.path={model}", *RESUME_RECIPE, "launcher.num_processes=1"])
+    differences = exactness_differences(path, saved, {**saved["fingerprint"], "world_size": 1}, cfg)
+    assert differences == ["world_size: checkpoint 2 != now 1"]
+    with pytest.raises(ConfigError, match="cannot resume exactly"):
+        refuse_inexact(path, differences, cfg.resume)
 
     resumed = run(tmp, "b")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -322,3 +331,27 @@ def test_fsdp_sigkill_then_resume_is_bitwise_exact_and_another_world_size_is_ref
     got_w = load_file(ckpt.latest_complete_checkpoint(root) / "model.safetensors")
     assert ref_w.keys() == got_w.keys()
     assert [k for k in ref_w if not torch.equal(ref_w[k], got_w[k])] == []
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_the_distributed_benchmark_smoke_run(tmp_path):
+    """benchmarks/distributed.py --smoke: DDP and FSDP2 jobs of the tiny model, side by side, through launch.py."""
+    out = tmp_path / "lines.jsonl"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--smoke", "--work-dir",
+                           str(tmp_path / "work"), "--json-out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=2 * RUN_TIMEOUT_S)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = {row["engine"]: row for row in lines if row["bench"] == "distributed"}
+    assert sorted(rows) == ["ddp", "fsdp2"] and all(row["ok"] for row in rows.values())
+    assert rows["ddp"]["vs_ddp_best"] == 1.0 and rows["fsdp2"]["vs_ddp_best"] > 0
+    for row in rows.values():
+        assert row["steps_timed"] == 2 and row["tokens_timed"] > 0 and row["tokens_per_s_best"] > 0
+        assert len(row["peak_rss_mib_ranks"]) == 2 and min(row["peak_rss_mib_ranks"]) > 100  # torch alone is more
+    # The same work: step 1 of both engines sees the same examples and initial weights.
+    assert rows["fsdp2"]["loss_step1"] == pytest.approx(rows["ddp"]["loss_step1"], rel=1e-6)
+    assert "tiny     fsdp2" in done.stdout

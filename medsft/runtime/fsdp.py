@@ -17,7 +17,7 @@ Where each plugin value comes from:
                                   shards of the model and the optimizer (exact resume, same world size); the
                                   checkpoint's Hugging Face files get the FULL gathered weights
 
-What the training loop relies on (tests/test_fsdp.py checks each against one process / DDP):
+What the training loop relies on (tests/test_fsdp.py checks the resulting figures against one process):
 
 - Gradient scale: FSDP2 reduce-scatters every gradient averaged over the processes (as DDP's all-reduce) and
   accelerate divides each backward by the accumulation steps, so medsft.runtime.accelerator.loss_scale_for's
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+
 import torch
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin

@@ -145,7 +145,7 @@ def hydra_child_args(cfg: DictConfig, run_dir: Path) -> tuple[list[str], Path]:
     try:
         hydra_cfg = HydraConfig.get()
     except ValueError as err:
-        raise ConfigError("a distributed run (launcher.num_processes > 1, or DeepSpeed) re-invokes itself through "
+        raise ConfigError("a distributed run (launcher.num_processes > 1, DeepSpeed or FSDP) re-invokes itself through "
                           "its Hydra command line: start it with `python launch.py ...` / `medsft train ...`, or "
                           "start the processes yourself (accelerate launch / torchrun)") from err
     args: list[str] = []
