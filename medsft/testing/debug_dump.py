@@ -65,8 +65,10 @@ def _optimizer_steps(ctx, engine) -> Optional[int]:
 
 def _param_groups(optimizer) -> list[dict]:
     """Per optimizer parameter group: its weight decay and the (full) number of dimensions of its tensors."""
-    return [{"weight_decay": float(group.get("weight_decay", 0.0)), "ndims": sorted({p.ndim for p in group["params"]}),
-             "tensors": len(group["params"]), "dtensors": sum(isinstance(p, DTensor) for p in group["params"])}
+    return [{"weight_decay": float(group.get("weight_decay", 0.0)),
+             "ndims": sorted({p.ndim for p in group["params"]}),
+             "tensors": len(group["params"]),
+             "dtensors": sum(isinstance(p, DTensor) for p in group["params"])}
             for group in optimizer.param_groups]
 
 
