@@ -13,7 +13,7 @@ from medsft.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
-GROUPS = ["model", "data", "optimizer", "deepspeed", "launcher", "logging", "experiment"]
+GROUPS = ["model", "data", "optimizer", "deepspeed", "fsdp", "launcher", "logging", "experiment"]
 
 
 def group_options(group):

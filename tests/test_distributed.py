@@ -445,3 +445,26 @@ def test_zero3_partitioned_matrices_keep_weight_decay():
     partitioned = torch.nn.Parameter(torch.empty(0))  # what zero.Init leaves in the module
     partitioned.ds_shape = torch.Size([128, 64])
     assert not is_no_decay("model.layers.0.mlp.up_proj.weight", partitioned)
+
+
+def test_the_parent_builds_a_local_model_source_before_the_workers_start(tmp_path, monkeypatch, hydra_context):
+    """transformers writes a model's weights only on rank 0 of a process group: a tiny-random (or embedded) model
+    built by whichever worker took the cache lock first could be cached without weights. The relaunching parent
+    builds it before any worker exists."""
+    from medsft.runtime import relaunch as launcher
+
+    cache = tmp_path / "cache"
+    built = []
+
+    def fake_child(argv, env, cwd):
+        built.append(sorted(p.name for p in cache.rglob("*") if p.is_file()))
+        return 1
+
+    monkeypatch.setattr(launcher, "run_child", fake_child)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS", launcher.LAUNCH_DIR_ENV,
+                 "ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = hydra_context("launcher=cpu_2proc", "model=tiny_random", f"model.cache_dir={cache}", run_dir=tmp_path / "run")
+    with pytest.raises(launcher.DistributedJobFailed):
+        launcher.maybe_relaunch(cfg, tmp_path / "run")
+    assert built and {"config.json", "model.safetensors", "tokenizer.json"} <= set(built[0]), built

@@ -1,4 +1,4 @@
-"""`medsft launch-config [overrides] --out DIR`: the accelerate/DeepSpeed files of a composed config."""
+"""`medsft launch-config [overrides] --out DIR`: the accelerate (DeepSpeed / FSDP2) files of a composed config."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from medsft.runtime.launch_config import launch_config_files
 def cli_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="medsft launch-config",
-        description="Write accelerate_config.yaml (and deepspeed_config.json) for the composed medsft config, "
+        description="Write accelerate_config.yaml (and deepspeed_config.json; with fsdp=... an FSDP2 section) for the "
+                    "composed medsft config, "
                     "for `accelerate launch --config_file DIR/accelerate_config.yaml launch.py <same overrides>`.",
     )
     parser.add_argument("overrides", nargs="*",
-                        help="Hydra overrides, e.g. deepspeed=zero3_8gpu launcher.num_processes=8")
+                        help="Hydra overrides, e.g. deepspeed=zero3_8gpu launcher.num_processes=8, or fsdp=full_shard")
     parser.add_argument("--out", default="launch_config", help="output folder (default ./launch_config)")
     args = parser.parse_args(argv)
     cfg = compose(args.overrides)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from medsft.compute import attention
 from medsft.data.render import IGNORE_INDEX
@@ -266,5 +267,9 @@ def forward_loss_sums(model: torch.nn.Module, batch: dict, kernels: Optional[Ker
     finally:
         handle.remove()
     head = base.lm_head
+    if isinstance(head.weight, DTensor):
+        # FSDP2 resharded the head after its forward: the loss would see this process's rows of it only.
+        raise RuntimeError("the chunked loss needs the whole LM head after the forward, but it is sharded (DTensor): "
+                           "its FSDP unit must not reshard after forward (medsft.runtime.fsdp keeps it gathered)")
     return chunked_token_loss_sums(captured["hidden"], head.weight, batch["labels"], getattr(head, "bias", None),
                                    kernels.chunk_tokens)

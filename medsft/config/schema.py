@@ -130,6 +130,20 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """PyTorch FSDP2 through accelerate (conf/fsdp/, medsft/runtime/fsdp.py); the other sharding engine."""
+
+    name: str = MISSING
+    enabled: bool = MISSING
+    sharding: str = MISSING
+    wrap_layers: Optional[list[str]] = MISSING
+    activation_checkpointing: bool = MISSING
+    cpu_offload: bool = MISSING
+    cpu_ram_efficient_loading: bool = MISSING
+    reduce_dtype: str = MISSING
+
+
+@dataclass
 class LauncherConfig:
     name: str = MISSING
     num_processes: int = MISSING
@@ -192,6 +206,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     generation_check: GenerationCheckConfig = field(default_factory=GenerationCheckConfig)
@@ -203,5 +218,5 @@ class Config:
 # Field annotations are strings (from __future__ import annotations): the nested schema classes by name.
 SCHEMA_TYPES = {cls.__name__: cls for cls in (
     TinyModelShape, ModelConfig, FieldMap, DataConfig, OptimizerConfig, TrainConfig, CheckpointConfig,
-    ResumeConfig, DeepSpeedConfig, LauncherConfig, LoggingConfig, GenerationCheckConfig, SweepConfig,
+    ResumeConfig, DeepSpeedConfig, FSDPConfig, LauncherConfig, LoggingConfig, GenerationCheckConfig, SweepConfig,
 )}

@@ -41,6 +41,8 @@ _SFT_CHOICES = {
     "logging.backend": ("wandb", "none"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
+    "fsdp.sharding": ("full_shard", "shard_grad_op"),
+    "fsdp.reduce_dtype": ("auto", "float32"),
     "launcher.rdzv_backend": ("static", "c10d"),
 }
 
@@ -85,6 +87,7 @@ def validate(cfg: DictConfig) -> None:
         problems.append("push_to_hub=true needs hf_repo_id=<user>/<repo>")
     if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 0:
         problems.append(f"deepspeed={cfg.deepspeed.name} is enabled but deepspeed.zero_stage is 0")
+    problems += _fsdp_problems(cfg)
     if not cfg.generation_check.repetition_penalty > 0:
         problems.append(f"generation_check.repetition_penalty={cfg.generation_check.repetition_penalty} must be > 0 "
                         "(1.0 = none)")
@@ -92,6 +95,26 @@ def validate(cfg: DictConfig) -> None:
         problems.append("data.packing and data.group_by_length are alternatives: enable one")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _fsdp_problems(cfg: DictConfig) -> list[str]:
+    """FSDP2 is the other sharding engine: never with DeepSpeed, one way of recomputing activations."""
+    fsdp = cfg.fsdp
+    if not fsdp.enabled:
+        return []
+    problems = []
+    if cfg.deepspeed.enabled:
+        problems.append(f"deepspeed={cfg.deepspeed.name} and fsdp={fsdp.name} are two sharding engines: choose one "
+                        "(deepspeed=none or fsdp=none)")
+    if fsdp.activation_checkpointing and cfg.model.gradient_checkpointing:
+        problems.append("fsdp.activation_checkpointing=true and model.gradient_checkpointing=true both recompute "
+                        "activations: enable one")
+    if fsdp.wrap_layers is not None and not list(fsdp.wrap_layers):
+        problems.append("fsdp.wrap_layers=[] names no class: list decoder layer classes, or null for the model's own")
+    if cfg.stage == "rl":
+        problems.append(f"fsdp={fsdp.name} applies to the SFT stage; stage=rl runs TRL's trainer without it "
+                        "(use fsdp=none)")
+    return problems
 
 
 def validate_rl(cfg: DictConfig) -> None:

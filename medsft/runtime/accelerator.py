@@ -1,13 +1,14 @@
 """The Accelerator of this process, and how the loss must be scaled for it.
 
 How a run becomes N processes is medsft.runtime.relaunch; this module is what each of those processes builds:
-its device (CPU or CUDA), mixed precision, process group (gloo on CPU) and the DeepSpeed plugin.
+its device (CPU or CUDA), mixed precision, process group (gloo on CPU) and the DeepSpeed or FSDP2 plugin.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from datetime import timedelta
 
 import torch
@@ -17,6 +18,8 @@ from omegaconf import DictConfig
 
 from medsft.errors import ConfigError
 from medsft.runtime.deepspeed import build_deepspeed_plugin
+from medsft.runtime.fsdp import (adopt_fsdp_on_cpu, build_fsdp_plugin, is_fsdp, launched_with_fsdp_env, prepare_fsdp,
+                                 retie)
 
 log = logging.getLogger("medsft.distributed")
 
@@ -43,7 +46,7 @@ def build_accelerator(cfg: DictConfig):
     cpu = use_cpu(cfg)
     mixed_precision = resolve_mixed_precision(cfg, cpu)
     handlers = []
-    if cpu and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.deepspeed.enabled):
+    if cpu and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.deepspeed.enabled or cfg.fsdp.enabled):
         # gloo on CPU; without it accelerate under DeepSpeed believes world=1 and its batch assert fails (and
         # DeepSpeed's CPU default, oneCCL, is not installed).
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
@@ -56,18 +59,48 @@ def build_accelerator(cfg: DictConfig):
                           "config has deepspeed=none: pass the matching preset (e.g. deepspeed=zero3); medsft "
                           "builds the DeepSpeed config itself (`medsft launch-config` writes the accelerate files "
                           "from it)")
+    fsdp_plugin = build_fsdp_plugin(cfg, mixed_precision, cpu) if cfg.fsdp.enabled else None
+    if fsdp_plugin is None and launched_with_fsdp_env():
+        raise ConfigError("this process was started by `accelerate launch` with an FSDP config, but the medsft "
+                          "config has fsdp=none: pass the matching preset (e.g. fsdp=full_shard); medsft builds "
+                          "the FSDP plugin itself (`medsft launch-config` writes the accelerate files from it)")
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         cpu=cpu and deepspeed_plugin is None,
         deepspeed_plugin=deepspeed_plugin,
+        fsdp_plugin=fsdp_plugin,
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
     )
+    if fsdp_plugin is not None and cpu:
+        adopt_fsdp_on_cpu(accelerator, fsdp_plugin)  # accelerate turns FSDP on for accelerator devices only
     if accelerator.num_processes > 1 and not accelerator.is_main_process:
         # Rank 0 tells the story; the others speak up only for warnings (every line twice helps nobody).
         logging.getLogger("medsft").setLevel(logging.WARNING)
     return accelerator
+
+
+def prepare_model_and_optimizer(accelerator, cfg: DictConfig, model, optimizer):
+    """accelerate.prepare; under FSDP2 after checking which layers become units (medsft.runtime.fsdp)."""
+    if is_fsdp(accelerator):
+        return prepare_fsdp(accelerator, cfg, model, optimizer)
+    return accelerator.prepare(model, optimizer)
+
+
+def full_state_dict(accelerator, model) -> dict:
+    """The full weights for a Hugging Face export (a collective: every process calls it). ZeRO-3 and FSDP2 gather
+    them from all processes (FSDP2: onto the main process's CPU; the others get an empty dict)."""
+    state_dict = accelerator.get_state_dict(model)
+    return retie(state_dict, accelerator.unwrap_model(model)) if is_fsdp(accelerator) else state_dict
+
+
+def micro_batch_sync(accelerator, model, is_last: bool):
+    """The context of one micro-batch's backward: DDP synchronises only the step's last micro-batch (no_sync
+    before it); FSDP2 reduce-scatters every one, so the accumulated gradients stay sharded."""
+    if is_last or is_fsdp(accelerator):
+        return nullcontext()
+    return accelerator.no_sync(model)
 
 
 def deepspeed_engine(accelerator):
@@ -80,10 +113,13 @@ def loss_scale_for(accelerator) -> float:
     """Factor that turns 'sum of token losses / tokens of the whole step' into the right gradient.
 
     DDP averages gradients over processes and accelerate (non-DeepSpeed) divides each backward by the
-    accumulation steps. DeepSpeed does the same two divisions itself: `engine.backward` divides the loss by its
-    gradient_accumulation_steps, and the ZeRO reduction averages over the data-parallel group (sum, then
-    divided by dp_world_size: postscale_gradients, the default). x world x accum undoes both, in both cases;
-    tests/test_distributed.py checks first-step loss and grad norm of DeepSpeed against plain DDP / 1 process.
+    accumulation steps; FSDP2's reduce-scatter averages over processes too (at every micro-batch: the sum of
+    those averages is the average of the sum), after the same division by the accumulation steps. DeepSpeed
+    does the same two divisions itself: `engine.backward` divides the loss by its gradient_accumulation_steps,
+    and the ZeRO reduction averages over the data-parallel group (sum, then divided by dp_world_size:
+    postscale_gradients, the default). x world x accum undoes both, in every case;
+    tests/test_distributed.py and tests/test_fsdp.py check first-step loss and grad norm of DeepSpeed and FSDP2
+    against plain DDP / 1 process.
     """
     engine = deepspeed_engine(accelerator)
     if engine is not None:

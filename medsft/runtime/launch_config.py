@@ -1,5 +1,5 @@
-"""accelerate's config file (and the DeepSpeed JSON) for a composed medsft config, for users who start
-`accelerate launch` themselves (`medsft launch-config`, medsft/cli/launch_config.py)."""
+"""accelerate's config file (with its FSDP2 section, or the DeepSpeed JSON beside it) for a composed medsft config,
+for users who start `accelerate launch` themselves (`medsft launch-config`, medsft/cli/launch_config.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import yaml
 from omegaconf import DictConfig
 
 from medsft.runtime.deepspeed import deepspeed_json
+from medsft.runtime.fsdp import accelerate_fsdp_config
 
 ACCELERATE_CONFIG_FILE = "accelerate_config.yaml"
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
@@ -48,6 +49,10 @@ def accelerate_config(cfg: DictConfig, mixed_precision: str, deepspeed_file: Opt
             "zero3_init_flag": int(cfg.deepspeed.zero_stage) == 3,
             "deepspeed_multinode_launcher": "standard",
         }
+    elif cfg.fsdp.enabled:
+        data["distributed_type"] = "FSDP"
+        data["fsdp_config"] = accelerate_fsdp_config(cfg)
+        data["mixed_precision"] = mixed_precision
     else:
         data["distributed_type"] = "MULTI_GPU" if (world > 1 or launcher.num_machines > 1) else "NO"
         data["mixed_precision"] = mixed_precision

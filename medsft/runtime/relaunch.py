@@ -1,7 +1,7 @@
 """`python launch.py launcher.num_processes=8 ...` starts the distributed job itself.
 
 When the composed config asks for more than one process (launcher.num_processes > 1 or num_machines > 1), or
-for DeepSpeed (which needs a process group even on one device), and this process is not already one of a
+for DeepSpeed or FSDP (which need a process group even on one device), and this process is not already one of a
 distributed job (medsft.runtime.cluster), the same config is re-invoked as a subprocess through `accelerate
 launch` (torchrun underneath; plain torchrun for a single DeepSpeed process): the child gets this run's Hydra
 overrides, so it composes the same config (checked: it refuses to start on any difference), writes into this
@@ -12,6 +12,7 @@ own code, e.g. 2 for a config error, not torchrun's generic 1).
 On CPU (no CUDA, or launcher.cpu=true) the child runs `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu
 --num_processes N` (gloo): `accelerate launch --cpu` would silently start ONE process. DeepSpeed runs are
 launched the same way without ACCELERATE_USE_CPU (which would drop DeepSpeed); their Accelerator picks gloo.
+FSDP runs keep ACCELERATE_USE_CPU: their Accelerator turns FSDP on over gloo itself (medsft.runtime.fsdp).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from omegaconf import DictConfig
 
 from medsft.config import flatten, to_plain_dict
 from medsft.errors import ConfigError, MedsftError
+from medsft.models import resolve_model_dir
 from medsft.outputs import objective_of
 from medsft.runtime.accelerator import use_cpu
 from medsft.runtime.cluster import (
@@ -67,8 +69,9 @@ class DistributedJobFailed(MedsftError):
 
 
 def needs_relaunch(cfg: DictConfig, environ: Mapping[str, str] = os.environ) -> bool:
-    # DeepSpeed needs a process group even for one process (zero2_local): torchrun's variables give it one.
-    wants = world_size(cfg) > 1 or int(cfg.launcher.num_machines) > 1 or bool(cfg.deepspeed.enabled)
+    # DeepSpeed and FSDP need a process group even for one process (zero2_local): torchrun's variables give it one.
+    engine = bool(cfg.deepspeed.enabled or cfg.fsdp.enabled)
+    wants = world_size(cfg) > 1 or int(cfg.launcher.num_machines) > 1 or engine
     return wants and not inside_launcher(environ) and not slurm_task_per_process(cfg, environ)
 
 
@@ -126,6 +129,8 @@ def child_env(cfg: DictConfig, launch_dir: Path, environ: Mapping[str, str] = os
         if cfg.deepspeed.enabled and cfg.launcher.cpu:
             env["CUDA_VISIBLE_DEVICES"] = ""  # DeepSpeed on CPU although this machine has GPUs
             env["DS_ACCELERATOR"] = "cpu"
+    if cfg.fsdp.enabled and cfg.launcher.cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # FSDP2 builds its device mesh on the default accelerator: hide the GPUs
     return env
 
 
@@ -141,7 +146,7 @@ def hydra_child_args(cfg: DictConfig, run_dir: Path) -> tuple[list[str], Path]:
     try:
         hydra_cfg = HydraConfig.get()
     except ValueError as err:
-        raise ConfigError("a distributed run (launcher.num_processes > 1, or DeepSpeed) re-invokes itself through "
+        raise ConfigError("a distributed run (launcher.num_processes > 1, DeepSpeed or FSDP) re-invokes itself through "
                           "its Hydra command line: start it with `python launch.py ...` / `medsft train ...`, or "
                           "start the processes yourself (accelerate launch / torchrun)") from err
     args: list[str] = []
@@ -270,9 +275,18 @@ def run_child(argv: list[str], env: dict, cwd: Path) -> int:
                 proc.kill()
 
 
+def prepare_model_source(cfg: DictConfig) -> None:
+    """Build a locally made model (embedded SmolLM2, tiny-random) into the cache here, once, before the workers
+    start: otherwise whichever worker takes the cache lock first builds it, and transformers writes a model's
+    weights only on rank 0 of a process group, so a build by another rank would leave a cache entry without
+    weights. Hub ids and local folders are left as they are (nothing is downloaded here)."""
+    resolve_model_dir(cfg.model.path, cfg.model.cache_dir, cfg.model.tiny)
+
+
 def relaunch(cfg: DictConfig, run_dir: Path) -> Optional[float]:
     """Run this config as an `accelerate launch` job; returns its objective, raises DistributedJobFailed."""
     check_launcher(cfg)
+    prepare_model_source(cfg)
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     hydra_args, cwd = hydra_child_args(cfg, run_dir)

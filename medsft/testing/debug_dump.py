@@ -1,8 +1,10 @@
 """TEST-ONLY: a dump of each process's final state for the distributed tests (tests/test_distributed.py).
 
 Inert unless $MEDSFT_DEBUG_DUMP names a folder: then, at the end of training, every process writes
-rank<N>.json there (step counts, a hash of the full weights, the LR in the real optimizer) and rank 0 the
-logits of a fixed input. It has no config key on purpose, so a production config can never enable it.
+rank<N>.json there (step counts, a hash of the full weights, the LR in the real optimizer, the optimizer's
+parameter groups, peak RSS and GPU memory) and rank 0 the logits of a fixed input. It has no config key on
+purpose, so a production config can never enable it. benchmarks/gpu_check.py and benchmarks/distributed.py
+read it too.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from medsft.runtime.accelerator import deepspeed_engine
+from medsft.runtime.fsdp import fsdp_units, is_fsdp
 
 DEBUG_DUMP_ENV = "MEDSFT_DEBUG_DUMP"
 DEBUG_PROMPT = "## Thinking\n\nDolor torácico opresivo irradiado al brazo izquierdo"
@@ -30,12 +35,17 @@ def _zero3_gather(module, engine):
     return nullcontext()
 
 
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2 shard (DTensor) is gathered, a collective every process runs in name order."""
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
 def weights_digest(module) -> tuple[str, int]:
     """sha256 of the full parameters (names, shapes, fp32 bytes) and their element count."""
     digest = hashlib.sha256()
     count = 0
     for name, param in sorted(module.named_parameters(), key=lambda item: item[0]):
-        data = param.detach().to("cpu", torch.float32).contiguous()
+        data = _full(param.detach()).to("cpu", torch.float32).contiguous()
         digest.update(name.encode())
         digest.update(str(tuple(data.shape)).encode())
         digest.update(data.numpy().tobytes())
@@ -53,6 +63,15 @@ def _optimizer_steps(ctx, engine) -> Optional[int]:
     return 0
 
 
+def _param_groups(optimizer) -> list[dict]:
+    """Per optimizer parameter group: its weight decay and the (full) number of dimensions of its tensors."""
+    return [{"weight_decay": float(group.get("weight_decay", 0.0)),
+             "ndims": sorted({p.ndim for p in group["params"]}),
+             "tensors": len(group["params"]),
+             "dtensors": sum(isinstance(p, DTensor) for p in group["params"])}
+            for group in optimizer.param_groups]
+
+
 def write_debug_dump(ctx) -> None:
     """Collective (every process calls it): rank<N>.json per process, reference logits on rank 0.
 
@@ -63,6 +82,9 @@ def write_debug_dump(ctx) -> None:
     if not out:
         return
     out = Path(out)
+    # Peaks of the training itself, before the gathers below add their own.
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: ru_maxrss is in kilobytes
+    peak_gpu_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     accelerator, model = ctx.accelerator, ctx.model
     engine = deepspeed_engine(accelerator)
     module = accelerator.unwrap_model(model)
@@ -86,7 +108,11 @@ def write_debug_dump(ctx) -> None:
         "weights_sha256": digest,
         "num_parameters": count,
         "loss_scale": ctx.loss_scale,
-        "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "param_groups": _param_groups(optimizer),
+        "fsdp": {"units": fsdp_units(module), "distributed_type": str(accelerator.distributed_type)}
+        if is_fsdp(accelerator) else None,
+        "peak_rss_mib": peak_rss_mib,
+        "peak_gpu_mem_gib": peak_gpu_gib,
         "deepspeed": None if engine is None else {
             "zero_stage": engine.zero_optimization_stage(),
             "gradient_accumulation_steps": engine.gradient_accumulation_steps(),

@@ -3,7 +3,8 @@
 Layout of `{root}/checkpoint-{epoch}-{step}/`:
     config.json, model.safetensors, generation_config.json, tokenizer files   (from_pretrained(dir) works)
     training_state/        accelerate's save_state: model, optimizer, LR scheduler, grad scaler, RNG states of
-                           every process (python, numpy, torch, cuda), DeepSpeed shards under ZeRO
+                           every process (python, numpy, torch, cuda), DeepSpeed shards under ZeRO,
+                           torch.distributed.checkpoint shards of model and optimizer under FSDP2
     trainer_state.json     position in the data (epoch, optimizer steps done in it), step and skip counters,
                            the metric window not yet logged, wandb run id, config fingerprint
     medsft_config.yaml     the resolved config of the run (no secrets)
@@ -33,6 +34,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from medsft.errors import OutputError
+from medsft.runtime.accelerator import full_state_dict
 from medsft.testing import faults  # TEST-ONLY hooks, inert unless $MEDSFT_TEST_FAULTS is set
 from medsft.train import integrity
 
@@ -131,8 +133,8 @@ def save_checkpoint(
     tmp = root / f"{TMP_PREFIX}{checkpoint_name(epoch, step)}"
     latest = latest_complete_checkpoint(root)
 
-    # The full (ZeRO-3: gathered) state dict; a collective, so all processes take part.
-    state_dict = accelerator.get_state_dict(model)
+    # The full (ZeRO-3, FSDP2: gathered) state dict; a collective, so all processes take part.
+    state_dict = full_state_dict(accelerator, model)
     integrity.refuse_non_finite(accelerator, state_dict, step, root, latest, cfg.optimizer.learning_rate)
     need = integrity.estimate_bytes(accelerator, state_dict, optimizer_of(accelerator), latest)
     integrity.ensure_free_space(accelerator, root, need, latest)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from medsft.errors import MedsftError
 from medsft.eval.config import compose_eval_config
 from medsft.eval.runner import evaluate_benchmark, load_preset_items
+from medsft.runtime.fsdp import is_fsdp
 
 log = logging.getLogger("medsft.checkpoint_eval")
 
@@ -50,7 +51,8 @@ def prepare_checkpoint_eval(cfg: DictConfig) -> Optional[tuple]:
 
 
 def evaluate_checkpoint(ctx) -> dict | None:
-    """Collective-safe: the main process generates, every process waits. Returns the metrics (main only)."""
+    """Collective-safe: the main process generates (under FSDP2 every process), every process waits. Returns the
+    metrics (main only)."""
     cfg, accelerator = ctx.cfg, ctx.accelerator
     preset = cfg.checkpoint.eval_benchmark
     if not preset:
@@ -59,13 +61,16 @@ def evaluate_checkpoint(ctx) -> dict | None:
         log.info("checkpoint eval skipped under ZeRO-3 (sharded weights); run `medsft eval` on the checkpoint")
         return None
     metrics = None
-    if accelerator.is_main_process:
+    # Under FSDP2 every process generates the same answers in lockstep (each forward gathers the sharded
+    # weights: a collective); the main process reports them.
+    if accelerator.is_main_process or is_fsdp(accelerator):
         if getattr(ctx, "checkpoint_eval", None) is None:
             eval_cfg = checkpoint_eval_config(cfg)
             ctx.checkpoint_eval = (eval_cfg, load_preset_items(eval_cfg))
         eval_cfg, items = ctx.checkpoint_eval
         model = accelerator.unwrap_model(ctx.model)
         metrics = evaluate_benchmark(model, ctx.tokenizer, items, eval_cfg)
+    if accelerator.is_main_process:
         step = ctx.state.global_step
         figures = {k: metrics[k] for k in ("n", "accuracy", "unparsed_rate", "format_compliance") if k in metrics}
         ctx.metrics.write({"kind": "checkpoint_eval", "step": step, "benchmark": preset, **figures})
@@ -74,4 +79,4 @@ def evaluate_checkpoint(ctx) -> dict | None:
                  figures.get("accuracy", 0.0), 100 * figures.get("unparsed_rate", 0.0),
                  100 * figures.get("format_compliance", 0.0), figures.get("n", 0))
     accelerator.wait_for_everyone()
-    return metrics
+    return metrics if accelerator.is_main_process else None

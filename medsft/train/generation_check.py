@@ -16,20 +16,23 @@ import torch
 from medsft.eval.format import check_format
 from medsft.eval.generate import generate_responses, summarize_generations
 from medsft.eval.report import decoding_label
+from medsft.runtime.fsdp import is_fsdp
 
 log = logging.getLogger("medsft.generation_check")
 
 
 @torch.no_grad()
 def run_generation_check(ctx, when: str) -> dict | None:
-    """Greedy answers to the first held-out questions, on the main process; every process waits."""
+    """Greedy answers to the first held-out questions, on the main process; every process waits. Under FSDP2
+    every process generates the same answers in lockstep (each forward gathers the sharded weights: a
+    collective), and the main process reports them."""
     accelerator, cfg = ctx.accelerator, ctx.cfg
     if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
         log.info("generation check skipped under ZeRO-3 (sharded weights); run `medsft eval` on the checkpoint")
         return None
     records = ctx.data.val_records[: cfg.generation_check.num_questions]
     result = None
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or is_fsdp(accelerator):
         model = accelerator.unwrap_model(ctx.model)
         was_training = model.training
         model.eval()
@@ -38,11 +41,12 @@ def run_generation_check(ctx, when: str) -> dict | None:
             max_new_tokens=cfg.generation_check.max_new_tokens,
             batch_size=cfg.generation_check.batch_size,
             system_prompt=cfg.data.system_prompt,
-            progress=cfg.logging.progress_bar,
+            progress=cfg.logging.progress_bar and accelerator.is_main_process,
             repetition_penalty=cfg.generation_check.repetition_penalty,
         )
         if was_training:
             model.train()
+    if accelerator.is_main_process:
         summary = summarize_generations(texts)
         result = {"format_compliance": summary["format_compliance"], "n_compliant": summary["n_compliant"],
                   "mean_chars": summary["mean_chars"], "n": summary["n"], "texts": texts}

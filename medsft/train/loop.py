@@ -12,7 +12,6 @@ import gc
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -35,7 +34,8 @@ from medsft.errors import DataError, TrainingDiverged
 from medsft.models import load_model, load_tokenizer, torch_dtype
 from medsft.outputs import MetricsFile
 from medsft.plots import plot_curves
-from medsft.runtime.accelerator import build_accelerator, loss_scale_for
+from medsft.runtime.accelerator import (build_accelerator, loss_scale_for, micro_batch_sync,
+                                        prepare_model_and_optimizer)
 from medsft.runtime.deepspeed import deepspeed_step_applied, nonfinite_backward_loss
 from medsft.testing import faults  # TEST-ONLY fault injection hooks, inert unless $MEDSFT_TEST_FAULTS is set
 from medsft.testing.debug_dump import write_debug_dump  # TEST-ONLY, a no-op unless $MEDSFT_DEBUG_DUMP is set
@@ -114,7 +114,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> RunContext:
                             zero3=bool(cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3))
     model_flops = ModelFlops.of(model)
     optimizer = build_optimizer(model, cfg.optimizer)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare_model_and_optimizer(accelerator, cfg, model, optimizer)  # DDP | ZeRO | FSDP2
     # Built on the prepared optimizer: ZeRO rebuilds the param groups it steps (ZeRO-3 drops empty ones).
     scheduler = build_scheduler(optimizer, cfg.optimizer, plan)
     # Checkpointed by save_state (never stepped by accelerate: we step it once per optimizer step).
@@ -155,10 +155,11 @@ def optimizer_step(ctx: RunContext, group: list[list[int]], window: MetricWindow
     finite = True
     for position, batch in enumerate(batches):
         is_last = position == len(batches) - 1
-        # Only the step's last micro-batch synchronises gradients (DDP all-reduce, DeepSpeed boundary).
+        # Only the step's last micro-batch synchronises gradients (DDP all-reduce, DeepSpeed boundary; FSDP2
+        # reduce-scatters every micro-batch).
         accelerator.sync_gradients = is_last
         batch = _to_device(batch, accelerator.device)
-        with (nullcontext() if is_last else accelerator.no_sync(model)):
+        with micro_batch_sync(accelerator, model, is_last):
             with accelerator.autocast():
                 # padded or packed batch, through the configured attention / loss kernels (medsft.compute.kernels)
                 loss_sum, loss_tokens, correct = forward_loss_sums(model, batch, ctx.kernels)
