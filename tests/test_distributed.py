@@ -291,8 +291,22 @@ def test_launch_config_writes_the_accelerate_and_deepspeed_files(compose_config,
     assert str(loaded.distributed_type).endswith("DEEPSPEED") and loaded.num_processes == 8
     assert loaded.deepspeed_config["deepspeed_config_file"] == str(ds_file.resolve())
     assert loaded.deepspeed_config["zero3_init_flag"] is True
-    # The JSON is the generated one (auto precision = bf16: the files are for GPU machines).
-    assert json.loads(ds_file.read_text()) == deepspeed_json(compose_config(*overrides), "bf16", world_size=8)
+    # The JSON is the generated one (auto precision = bf16: the files are for GPU machines), of conf/'s defaults:
+    # without experiment= the CPU demo preset (batch 4 x accumulation 1, lr 8e-4) never applies silently.
+    ds = json.loads(ds_file.read_text())
+    assert ds == deepspeed_json(compose_config("~experiment", *overrides), "bf16", world_size=8)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 8)  # the seed's
+    assert "config: no experiment preset: conf/'s defaults, the seed's values; lr 5e-06" in printed
+    assert f"launch.py ~experiment {' '.join(overrides)}" in printed  # the launch composes the same config
+
+    # A named preset applies, and is said.
+    assert main(["launch-config", "experiment=medical_o1_spanish_8gpu", "data.path=x.json",
+                 "--out", str(tmp_path / "named")]) == 0
+    printed = capsys.readouterr().out
+    assert "config: experiment=medical_o1_spanish_8gpu; lr 5e-06, 2 per device x 8 accumulation x 8 processes" in printed
+    assert "launch.py experiment=medical_o1_spanish_8gpu data.path=x.json" in printed
+    assert main(["launch-config", "experiment=demo", "data.path=x.json", "--out", str(tmp_path / "demo")]) == 0
+    assert "config: experiment=demo; lr 0.0008, 4 per device x 1 accumulation" in capsys.readouterr().out
 
     assert main(["launch-config", "launcher=cpu_2proc", "data.path=x.json", "--out", str(tmp_path / "ddp")]) == 0
     plain = yaml.safe_load((tmp_path / "ddp" / "accelerate_config.yaml").read_text())

@@ -1,18 +1,43 @@
-"""`medsft train [overrides]`: the same as `python launch.py [overrides]`."""
+"""`medsft train [overrides]` and `python launch.py [overrides]`: one entry, the same arguments, the same checks.
+
+Before Hydra composes anything: `--version`, then the override check (an unknown key names the allowed keys and
+a likely correction, exit 2). Then Hydra: `--help` prints conf/hydra/help/medsft.yaml (what a run does, README
+examples, the config groups), `--cfg job` the composed config, otherwise the run (medsft.run). Both commands
+log to `launch.log` in the run folder (Hydra's job name, unless `hydra.job.name=` is given).
+"""
 
 from __future__ import annotations
 
 import sys
 
 import hydra
+from omegaconf import DictConfig
 
-from medsft.config import register_configs
+from medsft.cli.usage import version_text
+from medsft.config import check_cli_overrides, register_configs
 from medsft.paths import CONF_DIR
-from medsft.run import run_from_hydra
+from medsft.runtime.quiet import quiet_third_party_logs
+
+JOB_NAME = "launch"  # -> launch.log in the run folder, for `python launch.py` and `medsft train` alike
 
 
-def cli_main(argv: list[str]) -> int:
+def _run(cfg: DictConfig):
+    # torch + transformers + accelerate (~5 s of imports): only when a run starts, not for --help / --cfg.
+    from medsft.run import run_from_hydra
+
+    return run_from_hydra(cfg)
+
+
+def cli_main(argv: list[str], prog: str = "medsft train") -> int:
+    argv = list(argv)
+    if "--version" in argv or "-V" in argv:
+        print(version_text(full=True))
+        return 0
+    check_cli_overrides(argv)
+    quiet_third_party_logs()
+    if not any(a.startswith("hydra.job.name=") for a in argv):
+        argv.append(f"hydra.job.name={JOB_NAME}")
     register_configs()
-    sys.argv = ["medsft train", *argv]
-    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(run_from_hydra)()
+    sys.argv = [prog, *argv]
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_run)()
     return 0

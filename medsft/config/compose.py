@@ -12,6 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from medsft.config.evaluate import EvaluateConfig
+from medsft.config.help import register_help_resolver
 from medsft.config.rl import RLConfig
 from medsft.config.schema import Config
 from medsft.paths import CONF_DIR
@@ -22,7 +23,9 @@ RL_SCHEMA = "rl_schema"  # group rl; named first in conf/rl/base.yaml's
 
 
 def register_configs() -> None:
-    """Register the schemas so the conf/ files can name them in their defaults lists."""
+    """Register the schemas so the conf/ files can name them in their defaults lists (and the resolver that
+    lists the config groups in `--help`)."""
+    register_help_resolver()
     store = ConfigStore.instance()
     store.store(name=TRAIN_SCHEMA, node=Config)
     store.store(name=EVAL_SCHEMA, node=EvaluateConfig)

@@ -50,7 +50,8 @@ def evaluate_checkpoint(ctx) -> dict | None:
         model = accelerator.unwrap_model(ctx.model)
         metrics = evaluate_benchmark(model, ctx.tokenizer, items, eval_cfg)
         step = ctx.state.global_step
-        figures = {k: metrics[k] for k in ("n", "accuracy", "unparsed_rate", "format_compliance") if k in metrics}
+        figures = {k: metrics[k] for k in ("n", "n_correct", "accuracy", "accuracy_ci95", "unparsed_rate",
+                                           "format_compliance") if k in metrics}
         ctx.metrics.write({"kind": "checkpoint_eval", "step": step, "benchmark": preset, **figures})
         ctx.tracker.log({f"eval/{preset}/{k}": v for k, v in figures.items()}, step=step)
         log.info("step %d: %s accuracy %.3f (unparsed %.1f%%, format %.0f%%) on %d questions", step, preset,

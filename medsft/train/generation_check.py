@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import shutil
 import textwrap
 
@@ -72,26 +73,52 @@ def run_generation_check(ctx, when: str) -> dict | None:
     return result
 
 
+# How whitespace is shown in the side-by-side: an answer of 384 newlines is 384 characters, not an empty answer.
+WHITESPACE_SIGNS = {"\n": "⏎", " ": "·", "\t": "→", "\r": "␍"}
+_BLANK_RUN = re.compile(r"\n{3,}")
+
+
+def whitespace_runs(text: str) -> str:
+    """`⏎×380 ·×4`: a run of whitespace, each character made visible and counted."""
+    parts = []
+    for char, group in itertools.groupby(text):
+        n = len(list(group))
+        sign = WHITESPACE_SIGNS.get(char, repr(char))
+        parts.append(sign if n == 1 else f"{sign}×{n}")
+    return " ".join(parts)
+
+
+def shown_answer(text: str, max_chars: int) -> str:
+    """What was generated, as it will be printed: whitespace-only answers described character by character,
+    leading/trailing whitespace and runs of blank lines made visible, the rest cut to max_chars (the number
+    of characters left out is said)."""
+    if not text:
+        return "(empty answer: no characters)"
+    if not text.strip():
+        return f"(whitespace only, {len(text)} characters: {whitespace_runs(text)})"
+    body = text.strip()
+    lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()) :]
+    if len(body) > max_chars:
+        body = body[:max_chars].rstrip() + f" [... {len(text.strip()) - max_chars} more characters]"
+    body = _BLANK_RUN.sub(lambda m: f"\n[{whitespace_runs(m.group())}]\n", body)
+    return (f"[{whitespace_runs(lead)}] " if lead else "") + body + (f" [{whitespace_runs(trail)}]" if trail else "")
+
+
 def side_by_side(question: str, before: str, after: str, max_chars: int) -> str:
-    """Two columns (base model | fine-tuned), each answer cut to max_chars."""
+    """Two columns (base model | fine-tuned), each headed by its exact length in characters (the length the
+    summary's mean counts) and showing what was generated (`shown_answer`)."""
     width = max(80, min(shutil.get_terminal_size((120, 20)).columns, 160))
     column = (width - 3) // 2
 
-    def cut(text: str) -> str:
-        text = text.strip()
-        if not text:
-            return "(empty answer)"
-        return text if len(text) <= max_chars else text[:max_chars].rstrip() + " [...]"
-
     def wrap(text: str) -> list[str]:
         lines = []
-        for paragraph in cut(text).splitlines() or [""]:
+        for paragraph in shown_answer(text, max_chars).splitlines() or [""]:
             lines.extend(textwrap.wrap(paragraph, column) or [""])
         return lines
 
     left, right = wrap(before), wrap(after)
     rows = [f"{a:<{column}} | {b}" for a, b in itertools.zip_longest(left, right, fillvalue="")]
-    header = f"{'BASE MODEL (before)':<{column}} | FINE-TUNED (after)"
+    header = f"{f'BASE MODEL (before): {len(before)} characters':<{column}} | FINE-TUNED (after): {len(after)} characters"
     rule = "-" * width
     question_lines = textwrap.wrap("Held-out question: " + question, width)
     return "\n".join(["", rule, *question_lines, rule, header, rule, *rows, rule])
