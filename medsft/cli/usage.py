@@ -29,7 +29,7 @@ def version_text(full: bool = False) -> str:
 
 def examples_block(examples: list[tuple[str, str]]) -> str:
     """`examples (from README.md):` then one `  command   # what it does` line per (command, note)."""
-    width = min(max(len(cmd) for cmd, _ in examples), 72) + 3
+    width = min(max(len(cmd) for cmd, _ in examples), 72)
     lines = [EXAMPLES_HEADER]
-    lines += [f"  {cmd:<{width}}# {note}" if note else f"  {cmd}" for cmd, note in examples]
+    lines += [f"  {cmd:<{width}}   # {note}" if note else f"  {cmd}" for cmd, note in examples]
     return "\n".join(lines)
