@@ -90,9 +90,24 @@ def zero2(tmp_path_factory):
     return _launch_two(tmp_path_factory.mktemp("zero2"), "deepspeed=zero2_local")
 
 
+# ZeRO-3 also answers the before/after questions and evaluates its checkpoint, each in a worker process on the
+# folder holding the weights (no process has them all); the checkpoint eval needs the shared HEAD-QA files.
+ZERO3_CHECKS = ("generation_check.enabled=true", "generation_check.num_questions=2",
+                "generation_check.max_new_tokens=4", "generation_check.batch_size=2")
+ZERO3_CHECKPOINT_EVAL = ("checkpoint.eval_benchmark=headqa_es", "checkpoint.eval_limit=2",
+                         "checkpoint.eval_max_new_tokens=4")
+
+
+def _headqa_present() -> bool:
+    from medsft.paths import shared_data_dir
+
+    return (shared_data_dir() / "headqa_es").is_dir()
+
+
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
-    return _launch_two(tmp_path_factory.mktemp("zero3"), "deepspeed=zero3")
+    extra = (*ZERO3_CHECKS, *(ZERO3_CHECKPOINT_EVAL if _headqa_present() else ()))
+    return _launch_two(tmp_path_factory.mktemp("zero3"), "deepspeed=zero3", *extra)
 
 
 def _expected_lr(step: int, lr: float = 3e-3) -> float:
@@ -190,6 +205,35 @@ def test_deepspeed_zero3_two_processes_saves_full_weights_that_reload(zero3, ref
     with torch.no_grad():
         logits = model(reference_logits["input_ids"]).logits
     torch.testing.assert_close(logits, reference_logits["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_runs_the_generation_check_and_checkpoint_eval_on_saved_folders(zero3):
+    """Under ZeRO-3 the before/after answers come from a worker on the base model and on the final checkpoint,
+    the checkpoint eval from a worker on the checkpoint just saved; the log says so (issue 16: they were
+    skipped, the production preset had no checkpoint eval)."""
+    out, run = zero3["out"], zero3["run"]
+    assert "generation check before training: ZeRO-3 shards the weights, so a separate process answers from " \
+           "tiny-random:llama" in out
+    latest = ckpt.latest_complete_checkpoint(zero3["dir"] / "ckpts" / "tiny")
+    assert f"generation check after training: ZeRO-3 shards the weights, so a separate process answers from {latest}" in out
+    records = read_metrics(run / "metrics.jsonl")
+    gen = {r["when"]: r for r in records if r["kind"] == "generation"}
+    assert gen["before"]["step"] == 0 and gen["after"]["step"] == TOTAL_STEPS
+    for when in ("before", "after"):
+        rows = [json.loads(line) for line in (run / f"generations_{when}.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all(isinstance(r["answer"], str) for r in rows)
+        assert gen[when]["n_questions"] == 2
+    assert "BASE MODEL (before)" in out and "FINE-TUNED (after)" in out
+    summary = zero3["summary"]
+    assert "format_compliance_before" in summary and "format_compliance_after" in summary
+    if not _headqa_present():
+        pytest.skip("HEAD-QA data not found: the checkpoint eval part needs it")
+    assert f"checkpoint eval of {latest.name}: ZeRO-3 shards the weights, so a separate process evaluates" in out
+    evals = [r for r in records if r["kind"] == "checkpoint_eval"]
+    assert [e["step"] for e in evals] == [TOTAL_STEPS] and evals[0]["n"] == 2 and evals[0]["benchmark"] == "headqa_es"
+    assert 0.0 <= evals[0]["accuracy"] <= 1.0 and len(evals[0]["accuracy_ci95"]) == 2
 
 
 @pytest.mark.slow

@@ -8,12 +8,15 @@ Every filter names exactly what it drops and why it is safe; anything else those
   tiny test model), `accelerator.unwrap_model` (every run), `medsft launch-config`. medsft logs the device it
   trains on itself ("processes: 1, device: cpu").
 - accelerate's per-checkpoint INFO lines ("Saving current state to ...", "Model weights saved in ...",
-  "Optimizer state saved in ...", "Random states saved in ...", "Saving the state of LambdaLR ...", and their
-  "Loading ..." counterparts on resume): medsft logs one line per checkpoint and per resume.
+  "Optimizer state saved in ...", "Random states saved in ...", "Saving the state of LambdaLR ...", under
+  DeepSpeed "Saving DeepSpeed Model and Optimizer", and their "Loading ..." counterparts on resume): medsft
+  logs one line per checkpoint and per resume.
 - accelerate's "Removed shared tensor {'lm_head.weight'} while saving" warning: a model with tied input and
   output embeddings (SmolLM2, the tiny test model, Llama-3.2-1B) stores the shared matrix once in the training
   state; accelerate's load_state restores the tie (tests/test_resume.py resumes such models bitwise). A shared
   tensor of any other name is still reported.
+- the compiler probes DeepSpeed runs when it starts (INFO lines `gcc ... test.c -laio` of the logger
+  `compilers.C.base`): its check whether async I/O ops could be built; warnings and errors still show.
 - transformers' "Writing model shards" progress bar at each checkpoint save (`quiet_checkpoint_save`).
 
 `quiet_third_party_logs` is installed once per process by the entry points (`medsft ...`, `python launch.py`).
@@ -28,7 +31,7 @@ from typing import Iterator
 
 DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
 _ACCELERATE_STATE_LINES = ("Saving current state to", "Loading states from", "Saving the state of",
-                           "Loading the state of")
+                           "Loading the state of", "DeepSpeed Model and Optimizer")
 _SHARED_TENSOR = re.compile(r"Removed shared tensor \{(?P<names>[^}]*)\} while saving")
 TIED_OUTPUT_EMBEDDINGS = ("lm_head.weight",)
 
@@ -49,6 +52,11 @@ class _DropCheckpointChatter(logging.Filter):
         return not any(line in str(record.getMessage()) for line in _ACCELERATE_STATE_LINES)
 
 
+class _DropInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
 class _DropTiedEmbeddingNotice(logging.Filter):
     """The shared-tensor warning when the only shared tensor is the tied output embedding."""
 
@@ -65,6 +73,7 @@ _FILTERS = {
     "accelerate.checkpointing": _DropCheckpointChatter(),
     "accelerate.accelerator": _DropCheckpointChatter(),
     "accelerate.utils.other": _DropTiedEmbeddingNotice(),
+    "compilers.C.base": _DropInfo(),
 }
 
 

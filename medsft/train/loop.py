@@ -39,7 +39,7 @@ from medsft.runtime.deepspeed import deepspeed_step_applied, nonfinite_backward_
 from medsft.runtime.quiet import quiet_checkpoint_save
 from medsft.testing import faults  # TEST-ONLY fault injection hooks, inert unless $MEDSFT_TEST_FAULTS is set
 from medsft.testing.debug_dump import write_debug_dump  # TEST-ONLY, a no-op unless $MEDSFT_DEBUG_DUMP is set
-from medsft.tracking import HubPusher, Tracker
+from medsft.tracking import HubPusher, Tracker, command_line, model_card
 from medsft.train import checkpoint as ckpt
 from medsft.train.checkpoint_eval import evaluate_checkpoint
 from medsft.train.generation_check import run_generation_check
@@ -288,10 +288,11 @@ def save(ctx: RunContext, epoch: int, window: Optional[MetricWindow] = None) -> 
     if ctx.accelerator.is_main_process:
         ckpt.rotate_checkpoints(ctx.ckpt_root, ctx.cfg.checkpoint.max_ckpts, protect=path)
         log.info("checkpoint saved: %s", path)
-        if ctx.pusher is not None:
-            ctx.pusher.submit(path, f"medsft {ctx.cfg.experiment_name} step {state.global_step}")
+        if ctx.pusher is not None:  # in the background, with the model card as README.md
+            ctx.pusher.submit(path, f"medsft {ctx.cfg.experiment_name} step {state.global_step}",
+                              card=_model_card(ctx, checkpoint=path.name))
     ctx.accelerator.wait_for_everyone()
-    evaluate_checkpoint(ctx)
+    evaluate_checkpoint(ctx, path)
     return path
 
 
@@ -360,9 +361,9 @@ def train(cfg: DictConfig, run_dir: Path) -> Optional[float]:
         progress.close()
 
         report["val_loss_after"] = _log_validation(ctx) if ctx.data.val else None
-        after = _generation_check(ctx, "after")
         if cfg.checkpoint.save_final and last_saved_step != state.global_step:
             save(ctx, max(0, min(state.epoch, plan.epochs - 1)))
+        after = _generation_check(ctx, "after")  # after the final save: under ZeRO-3 it reads that folder
         write_debug_dump(ctx)
         summary = _summarize(ctx, report, before, after)
         return summary["objective"]
@@ -439,11 +440,19 @@ def _summarize(ctx: RunContext, report: dict, before: Optional[dict], after: Opt
             figures[f"mean_answer_chars_{tag}"] = result["mean_chars"]
     summary = ctx.metrics.write_summary(figures, objective)
     ctx.tracker.summary(summary)
+    if ctx.pusher is not None:
+        ctx.pusher.update_card(_model_card(ctx, final=True), f"medsft {ctx.cfg.experiment_name}: final model card")
     if ctx.accelerator.is_main_process:
         if ctx.cfg.logging.plot:
             plot_curves(ctx.metrics.records, ctx.run_dir / "curves.png", title=ctx.cfg.experiment_name)
         _print_summary(ctx, summary)
     return summary
+
+
+def _model_card(ctx: RunContext, checkpoint: Optional[str] = None, final: bool = False) -> str:
+    run = {"train_examples": len(ctx.data.train), "val_examples": len(ctx.data.val or []),
+           "total_steps": ctx.plan.total_steps, "step": ctx.state.global_step}
+    return model_card(ctx.cfg, ctx.metrics.records, run, command_line(), checkpoint=checkpoint, final=final)
 
 
 def _print_summary(ctx: RunContext, summary: dict) -> None:
