@@ -33,7 +33,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from medsft.cli.usage import examples_block
+from medsft.cli.usage import CommandParser, examples_block
 from medsft.config import compose, unknown_override_keys, validate
 from medsft.config.presets import describe_experiment, experiment_of
 from medsft.data.dataset import build_sft_data, tokenize_records
@@ -381,8 +381,7 @@ STATS_EXAMPLES = [e for e in EXAMPLES if e[0].startswith("medsft data stats")]
 
 def build_parser() -> argparse.ArgumentParser:
     d = _production_config().data
-    parser = argparse.ArgumentParser(prog="medsft data", description=__doc__, epilog=examples_block(EXAMPLES),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="medsft data", description=__doc__, epilog=examples_block(EXAMPLES))
     sub = parser.add_subparsers(dest="command", metavar="{check,stats,sample,show}")
     sub.required = True
 
@@ -392,11 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("stats", help="token lengths, share over max_seq_len, the steps of the run a config composes",
-                       description="Token lengths of a data file as training renders them, the share over "
-                                   "data.max_seq_len, and the optimizer steps of the run `python launch.py "
-                                   "<overrides> data.path=PATH` would do (the demo preset unless experiment= is "
-                                   "given).", epilog=examples_block(STATS_EXAMPLES),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description="medsft data stats: token lengths of a data file as training renders them, the "
+                                   "share over data.max_seq_len, and the optimizer steps of the run `python "
+                                   "launch.py <overrides> data.path=PATH` would do (the demo preset unless "
+                                   "experiment= is given).", epilog=examples_block(STATS_EXAMPLES))
     _add_common(p)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="Hydra overrides of the run (experiment=local_test, model=tiny_random, data.val_ratio=0, ...)")

@@ -8,10 +8,9 @@ the printed launch command carries `~experiment` so the training composes the sa
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from medsft.cli.usage import examples_block
+from medsft.cli.usage import CommandParser, examples_block
 from medsft.config import check_cli_overrides, compose, validate
 from medsft.config.presets import NO_EXPERIMENT, describe_experiment, named_experiment
 from medsft.runtime.launch_config import launch_config_files
@@ -27,13 +26,13 @@ EXAMPLES = [
 
 
 def cli_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="medsft launch-config",
-        description="Write accelerate_config.yaml (and deepspeed_config.json) for the composed medsft config, "
+        description="medsft launch-config: write accelerate_config.yaml (and deepspeed_config.json) for the composed medsft config, "
                     "for `accelerate launch --config_file DIR/accelerate_config.yaml launch.py <same overrides>`. "
                     "Only an experiment preset you name applies (without experiment=: conf/'s defaults, the "
                     "seed's values; never the CPU demo's).",
-        epilog=examples_block(EXAMPLES), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples_block(EXAMPLES),
     )
     parser.add_argument("overrides", nargs="*",
                         help="Hydra overrides, e.g. experiment=medical_o1_spanish_8gpu or deepspeed=zero3_8gpu "

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
+import textwrap
 from importlib.metadata import PackageNotFoundError, version
 
 from medsft import __version__
@@ -33,3 +35,27 @@ def examples_block(examples: list[tuple[str, str]]) -> str:
     lines = [EXAMPLES_HEADER]
     lines += [f"  {cmd:<{width}}   # {note}" if note else f"  {cmd}" for cmd, note in examples]
     return "\n".join(lines)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse, with `--help` starting with what the command does (the description), then the usage line, the
+    options and the examples (the epilog, kept as written)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        description = kwargs.get("description")
+        if description and "\n" not in description.strip():  # one paragraph: wrapped here (the raw formatter won't)
+            kwargs["description"] = textwrap.fill(description, 110)
+        super().__init__(*args, **kwargs)
+
+    def format_help(self) -> str:
+        formatter = self._get_formatter()
+        formatter.add_text(self.description)
+        formatter.add_usage(self.usage, self._actions, self._mutually_exclusive_groups)
+        for action_group in self._action_groups:
+            formatter.start_section(action_group.title)
+            formatter.add_text(action_group.description)
+            formatter.add_arguments(action_group._group_actions)
+            formatter.end_section()
+        formatter.add_text(self.epilog)
+        return formatter.format_help()
