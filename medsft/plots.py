@@ -89,8 +89,14 @@ def _train_marker(n_points: int) -> Optional[str]:
 
 
 def plot_curves(records: list[dict], out_path: Path, title: Optional[str] = None) -> Optional[Path]:
-    """curves.png of an SFT run's metrics.jsonl records: train and validation loss (the validation loss before
-    training included, at the step it was measured) and the learning rate, against the optimizer step."""
+    """curves.png of an SFT run's metrics.jsonl records (None when no step was logged): `curves_figure`."""
+    fig = curves_figure(records, title)
+    return _save(fig, out_path) if fig is not None else None
+
+
+def curves_figure(records: list[dict], title: Optional[str] = None) -> Optional[Figure]:
+    """Train and validation loss (the validation loss before training included, at the step it was measured)
+    and the learning rate, against the optimizer step."""
     train = [r for r in records if r.get("kind") == "train"]
     if not train:
         return None
@@ -116,7 +122,7 @@ def plot_curves(records: list[dict], out_path: Path, title: Optional[str] = None
     _step_axis(ax_lr, steps)
     _finish(ax_lr, "Learning rate (as applied at each step)", "learning rate")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    return _save(fig, out_path)
+    return fig
 
 
 def plot_rl_curves(records: list[dict], out_path: Path, title: Optional[str] = None) -> Optional[Path]:

@@ -6,6 +6,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -282,14 +283,60 @@ def test_model_card_says_base_data_command_metrics_and_layout(compose_config):
 
 
 def test_launch_end_to_end_prints_where_outputs_are(tmp_path):
-    result = launch(*tiny_overrides(tmp_path), "train.max_steps=3", f"hydra.run.dir={tmp_path / 'run'}")
+    overrides = [o for o in tiny_overrides(tmp_path) if o != "logging.progress_bar=false"]
+    result = launch(*overrides, "train.max_steps=3", "checkpoint.every_n_steps=1", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
+    out, both = result.stdout, result.stdout + result.stderr
     assert "medsft run summary" in out and "latest checkpoint" in out and "run directory" in out
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
     latest = ckpt.latest_complete_checkpoint(tmp_path / "ckpts" / "tiny")
     assert latest is not None and str(latest) in out
+
+    # The summary's cost figures, in metrics.jsonl and on the console (issue 16).
+    summary = _records(tmp_path / "run", "summary")[-1]
+    train = _records(tmp_path / "run", "train")
+    assert summary["train_tokens"] == sum(r["tokens"] for r in train)  # every real token of the 3 steps
+    assert 0 < summary["train_time_s"] < summary["wall_time_s"]
+    assert summary["tokens_per_s"] == pytest.approx(summary["train_tokens"] / summary["train_time_s"], rel=0.01)
+    assert summary["peak_memory_gb"] > 0.05 and summary["peak_memory_kind"] == "process_rss"
+    for label in ("wall time", "throughput", "peak memory"):
+        assert re.search(rf"^  {label}\s+\S", out, re.M), out
+    assert re.search(r"tok/s \(\d[\d,]* tokens in [\d.]+ s of optimizer steps\)", out)
+    assert re.search(r"\d+/3 \[[\d:]+<[\d:]+, .*tok/s\]", result.stderr), result.stderr[-2000:]  # the bar: ETA, tok/s
+
+    # Quiet checkpoints: three saves, none of accelerate's per-save lines, no DeepSpeed CPU notice.
+    assert both.count("checkpoint saved:") == 3
+    for noise in ("Saving current state", "Model weights saved in", "Optimizer state saved", "Random states saved",
+                  "Removed shared tensor", "Setting accelerator to CPU", "Writing model shards"):
+        assert noise not in both, noise
+
+
+def test_the_quiet_filters_drop_only_what_they_name():
+    import logging
+
+    from medsft.runtime.quiet import quiet_third_party_logs
+
+    quiet_third_party_logs()
+    quiet_third_party_logs()  # idempotent
+    shared = logging.getLogger("accelerate.utils.other")
+    assert len(shared.filters) == 1
+
+    def passes(logger, level, message):
+        return logger.filter(logging.LogRecord(logger.name, level, __file__, 1, message, None, None))
+
+    assert not passes(shared, logging.WARNING, "Removed shared tensor {'lm_head.weight'} while saving. This ...")
+    assert passes(shared, logging.WARNING, "Removed shared tensor {'model.layers.0.mlp.up_proj.weight'} while saving")
+    assert passes(shared, logging.WARNING, "Removed shared tensor {'lm_head.weight', 'encoder.w'} while saving")
+    saves = logging.getLogger("accelerate.checkpointing")
+    assert not passes(saves, logging.INFO, "Optimizer state saved in /x/optimizer.bin")
+    assert passes(saves, logging.WARNING, "Could not load the optimizer state")
+    accel = logging.getLogger("accelerate.accelerator")
+    assert not passes(accel, logging.INFO, "Saving current state to /x/training_state")
+    assert passes(accel, logging.INFO, "Something else entirely")
+    ds = logging.getLogger("DeepSpeed")
+    assert not passes(ds, logging.WARNING, "Setting accelerator to CPU. If you have GPU or other accelerator, ...")
+    assert passes(ds, logging.WARNING, "Setting ds_accelerator to cuda (auto detect)")
 
 
 def test_bad_data_fails_cleanly_and_writes_no_checkpoint(tmp_path):

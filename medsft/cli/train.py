@@ -17,6 +17,7 @@ from medsft.cli.usage import version_text
 from medsft.config import check_cli_overrides, register_configs
 from medsft.paths import CONF_DIR
 from medsft.runtime.quiet import quiet_third_party_logs
+from medsft.sweep import register_resolvers as register_sweep_resolvers
 
 JOB_NAME = "launch"  # -> launch.log in the run folder, for `python launch.py` and `medsft train` alike
 
@@ -38,6 +39,7 @@ def cli_main(argv: list[str], prog: str = "medsft train") -> int:
     if not any(a.startswith("hydra.job.name=") for a in argv):
         argv.append(f"hydra.job.name={JOB_NAME}")
     register_configs()
+    register_sweep_resolvers()  # before Hydra: a multirun resolves hydra.sweep.subdir (${medsft_dirname:...}) first
     sys.argv = [prog, *argv]
     hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_run)()
     return 0
