@@ -24,6 +24,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -114,7 +115,8 @@ def _latest(clone: Path, pattern: str) -> Optional[Path]:
 
 def _placeholders(text: str, clone: Path) -> str:
     if "<sft checkpoint>" in text or "<ckpt>" in text:
-        latest = _latest(clone, "ckpts/**/checkpoint-*-*/COMPLETE")
+        # The newest checkpoint of a single run (a sweep job's folder name holds `=`, no override value can).
+        latest = _latest(clone, "ckpts/*/checkpoint-*-*/COMPLETE")
         assert latest is not None, f"{text}: no checkpoint written by the commands before it"
         text = text.replace("<sft checkpoint>", str(latest.parent.relative_to(clone)))
         text = text.replace("<ckpt>", str(latest.parent.relative_to(clone)))
@@ -154,9 +156,9 @@ def _train_args(args: list[str], clone: Path) -> list[str]:
     args = _set(args, "logging", "none")
     args = _set(args, "logging.progress_bar", "false")
     args = _set(args, "data.max_seq_len", "1024")  # the tiny tokenizer's rows are longer than SmolLM2's
+    args = _set(args, "generation_check.max_new_tokens", "16")
     if not bare:
         args = _set(args, "train.max_steps", "2")
-        args = _set(args, "generation_check.max_new_tokens", "16")
     args = _set(args, "hydra.sweeper.n_trials", "2", replace=True) if any("hydra.sweeper.n_trials" in a
                                                                           for a in args) else args
     if any(a == "stage=rl" for a in args):
@@ -280,15 +282,20 @@ def test_every_readme_command_runs_in_order_on_a_fresh_copy(tmp_path, capsys):
             batches[-1].append(command)
         else:
             batches.append([command])
-    failures = []
+    failures, seconds = [], []
     for batch in batches:
         argvs = [tiny_variant(c.text, clone) for c in batch]
+        started = time.perf_counter()
         for command, argv, (rc, output) in zip(batch, argvs, _run(argvs, clone, env)):
             if rc != 0:
                 failures.append(f"{command.where()}: `{command.text}` -> exit {rc}\n  ran: {shlex.join(argv[1:])}\n"
                                 f"{output[-3000:]}")
+        seconds.append((time.perf_counter() - started, batch))
     with capsys.disabled():
-        print(f"\nREADME commands: {len(to_run)} ran, {len(skipped)} skipped:")
+        print(f"\nREADME commands: {len(to_run)} ran in {len(batches)} processes, {len(skipped)} skipped:")
+        for took, batch in seconds:
+            print(f"  {took:6.1f} s  {batch[0].where()} `{batch[0].text}`" + (f" (+{len(batch) - 1} more)"
+                                                                            if len(batch) > 1 else ""))
         for command, why in skipped:
             print(f"  skipped {command.where()} `{command.text}`: {why}")
     assert failures == [], "\n\n".join(failures)
