@@ -3,7 +3,7 @@
 Before Hydra composes anything: `--version`, then the override check (an unknown key names the allowed keys and
 a likely correction, exit 2). Then Hydra: `--help` prints conf/hydra/help/medsft.yaml (what a run does, README
 examples, the config groups), `--cfg job` the composed config, otherwise the run (medsft.run). Both commands
-log to `launch.log` in the run folder (Hydra's job name, unless `hydra.job.name=` is given).
+log to `launch.log` in the run folder (conf/config.yaml names the job `launch`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from medsft.config import check_cli_overrides, register_configs
 from medsft.paths import CONF_DIR
 from medsft.runtime.quiet import quiet_third_party_logs
 from medsft.sweep import register_resolvers as register_sweep_resolvers
-
-JOB_NAME = "launch"  # -> launch.log in the run folder, for `python launch.py` and `medsft train` alike
 
 
 def _run(cfg: DictConfig):
@@ -36,8 +34,6 @@ def cli_main(argv: list[str], prog: str = "medsft train") -> int:
         return 0
     check_cli_overrides(argv)
     quiet_third_party_logs()
-    if not any(a.startswith("hydra.job.name=") for a in argv):
-        argv.append(f"hydra.job.name={JOB_NAME}")
     register_configs()
     register_sweep_resolvers()  # before Hydra: a multirun resolves hydra.sweep.subdir (${medsft_dirname:...}) first
     sys.argv = [prog, *argv]
