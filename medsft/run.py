@@ -3,6 +3,8 @@ report user errors cleanly."""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -11,8 +13,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from medsft.config import validate
+from medsft.config.presets import experiment_notice
 from medsft.errors import ConfigError, MedsftError, output_error_from_os_error
 from medsft.models import check_model_source
+from medsft.runtime.cluster import LAUNCH_DIR_ENV
 from medsft.runtime.relaunch import maybe_relaunch, record_exit
 from medsft.runtime.workspace import claim_outputs
 from medsft.sweep import register_resolvers as register_sweep_resolvers
@@ -20,6 +24,8 @@ from medsft.sweep.job import is_multirun, run_job
 from medsft.train.loop import train
 
 register_sweep_resolvers()  # conf/config.yaml's hydra.sweep.subdir uses ${medsft_dirname:...}
+
+log = logging.getLogger("medsft.run")
 
 
 def _check_required(cfg: DictConfig) -> None:
@@ -65,8 +71,19 @@ def _run(cfg: DictConfig, run_dir: Optional[Path]) -> Optional[float]:
     raise ConfigError(f"stage={cfg.stage!r} is not available in this version (available: sft, rl)")
 
 
+def _say_experiment(cfg: DictConfig) -> None:
+    """Which experiment preset this run composed with (once: not again in the processes it relaunches)."""
+    if os.environ.get(LAUNCH_DIR_ENV) or os.environ.get("RANK", "0") != "0":
+        return
+    line, warning = experiment_notice(cfg, HydraConfig.get().overrides.task)
+    log.info(line)
+    if warning:
+        log.warning(warning)
+
+
 def run_from_hydra(cfg: DictConfig) -> Optional[float]:
     """Hydra task function body: user errors print one clear message and exit non-zero, no traceback."""
+    _say_experiment(cfg)
     if is_multirun():  # per-job checkpoints, final.json, failures recorded (sweep.continue_on_failure)
         return run_job(cfg, lambda job_cfg, job_dir: run(job_cfg, job_dir))
     try:

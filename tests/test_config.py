@@ -1,5 +1,6 @@
 """Config composition for every group option and experiment preset, and the start-up validation errors."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,9 +110,9 @@ def test_launcher_rejects_invalid_values_with_a_clean_message():
 def test_cfg_job_prints_the_tree_and_help_lists_groups():
     printed = _launch("--cfg", "job")
     assert printed.returncode == 0 and "learning_rate" in printed.stdout
-    helped = _launch("--help")
-    for group in ("model:", "data:", "optimizer:", "deepspeed:", "logging:", "experiment:"):
-        assert group in helped.stdout
+    helped = _launch("--help")  # one line per group: `  model             llama3_1_8b_instruct, ...`
+    for group in ("model", "data", "optimizer", "deepspeed", "logging", "experiment"):
+        assert re.search(rf"^  {group}\s{{2,}}\w", helped.stdout, re.M), group
 
 
 def test_launcher_is_thin():
@@ -134,3 +135,31 @@ def test_unknown_key_names_the_allowed_keys_and_a_likely_fix():
     assert unknown_override_keys(["experiment=local_test", "model=tiny_random", "hydra.run.dir=x", "rl.kl_coef=1",
                                   "+experiment=demo", "hydra/launcher=slurm", "data.fields.question=Q",
                                   "~experiment"]) == []
+
+
+def test_the_experiment_preset_is_said_and_an_implicit_demo_on_many_processes_warned(compose_config):
+    """`python launch.py` alone is the CPU demo; a multi-process or DeepSpeed run that names no experiment gets
+    the demo's hyperparameters and is warned (issue 16), a named preset or `~experiment` is not."""
+    from medsft.config.presets import experiment_notice, experiment_of, named_experiment
+
+    assert experiment_of([]) == ("demo", False)
+    assert experiment_of(["experiment=local_test"]) == ("local_test", True)
+    assert experiment_of(["~experiment"]) == (None, True) and named_experiment(["experiment=null"]) == (True, None)
+
+    line, warning = experiment_notice(compose_config(), [])
+    assert line == "config: experiment=demo (the default: no experiment= given)" and warning is None  # the demo
+    big = ["deepspeed=zero3_8gpu", "launcher.num_processes=8"]
+    line, warning = experiment_notice(compose_config(*big), big)
+    assert "8-process DeepSpeed run takes the CPU demo preset's hyperparameters" in warning
+    assert "lr 0.0008, 4 per device x 1 accumulation, 2 epochs, seq 512" in warning and "~experiment" in warning
+    for named in (["~experiment", *big], ["experiment=medical_o1_spanish_8gpu"]):
+        line, warning = experiment_notice(compose_config(*named), named)
+        assert warning is None, named
+    assert experiment_notice(compose_config("~experiment"), ["~experiment"])[0] == \
+        "config: no experiment preset: conf/'s defaults, the seed's values"
+
+
+def test_adamw_betas_are_the_seeds_and_the_demo_keeps_its_measured_ones(compose_config):
+    assert list(compose_config("~experiment").optimizer.betas) == [0.9, 0.999]  # torch's default, as the seed
+    assert list(compose_config("experiment=medical_o1_spanish_8gpu").optimizer.betas) == [0.9, 0.999]
+    assert list(compose_config().optimizer.betas) == [0.9, 0.95]  # the demo, as its README figures were measured

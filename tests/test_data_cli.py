@@ -83,19 +83,20 @@ def model_dir(tmp_path_factory):
 
 def test_stats_and_show_in_process(model_dir, tmp_path, capsys):
     path = write_json(tmp_path / "d.json", [es_record(i) for i in range(12)])
-    rc = cli_main(["stats", str(path), "--model", str(model_dir), "--max-seq-len", "120", "--bsz", "2", "--accum", "2",
-                   "--epochs", "3", "--no-cache", "--json"])
+    rc = cli_main(["stats", str(path), "--model", str(model_dir), "--max-seq-len", "137", "--bsz", "2", "--accum", "2",
+                   "--epochs", "3", "--no-cache", "--json", "data.val_ratio=0"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["records"] == 12
     assert out["prompt_tokens"]["max"] < out["total_tokens"]["min"]
     assert out["over_max_seq_len"] == round(out["over_max_seq_len_share"] * 12)
     assert out["examples_after_policy"] == 12 - out["over_max_seq_len"]
     k = out["examples_after_policy"]
+    assert 0 < k < 12 and out["train_examples"] == k  # no validation split (data.val_ratio=0): all are trained
     assert out["steps_per_epoch"] == -(-(-(-k // 2)) // 2) and out["total_steps"] == 3 * out["steps_per_epoch"]
 
     rc = cli_main(["stats", str(path), "--model", str(model_dir), "--no-cache"])
-    text = capsys.readouterr().out
-    assert rc == 0 and "over max_seq_len=8192: 0 of 12" in text and "estimated optimizer steps" in text
+    text = capsys.readouterr().out  # the demo preset's max_seq_len (what `python launch.py` composes)
+    assert rc == 0 and "over max_seq_len=512: 0 of 12" in text and "optimizer steps: " in text
 
     rc = cli_main(["show", str(path), "--index", "3", "--model", str(model_dir), "--color", "never"])
     text = capsys.readouterr().out
@@ -120,3 +121,30 @@ def test_stats_and_show_in_process(model_dir, tmp_path, capsys):
     assert "no record #40" in capsys.readouterr().err
     assert cli_main(["stats", str(path), "--model", str(tmp_path / "no_model")]) == 1
     assert "no_model" in capsys.readouterr().err
+
+
+def test_stats_counts_the_steps_of_the_run_the_config_composes(tiny_model_dir, capsys):
+    """The step estimate is the run's own: the demo preset unless experiment= is named, its validation split,
+    batch, accumulation and epochs (issue 16: it used to say 18 steps where the demo runs 40)."""
+    demo = REPO_ROOT / "data" / "demo_data.json"
+    # The tiny tokenizer writes longer rows than SmolLM2's, so the demo's 512 tokens would drop most records.
+    assert cli_main(["stats", str(demo), "--model", tiny_model_dir, "data.max_seq_len=1024", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["experiment"] == "demo" and (out["train_examples"], out["val_examples"]) == (77, 11)
+    assert (out["bsz"], out["accum"], out["world"], out["epochs"]) == (4, 1, 1, 2)
+    assert (out["steps_per_epoch"], out["total_steps"]) == (20, 40)  # ceil(77 / 4) x 2 epochs: the demo's 40
+
+    # A named preset: the seed's 1-GPU smoke test (10 samples, batch 1 x accumulation 8, one epoch, seq 1024).
+    assert cli_main(["stats", str(demo), "experiment=local_test", "--model", tiny_model_dir]) == 0
+    text = capsys.readouterr().out
+    assert "config: experiment=local_test" in text and "the run: 10 training examples" in text
+    assert "optimizer steps: 2 per epoch x 1 epochs = 2 (global batch 8 = 1 per device x 8 accumulation x 1" in text
+
+    # Options still set single keys of that config, and the processes come from the launcher.
+    assert cli_main(["stats", str(demo), "--model", tiny_model_dir, "data.max_seq_len=1024", "launcher=cpu_2proc",
+                     "--epochs", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["world"], out["epochs"], out["global_batch"], out["total_steps"]) == (2, 1, 8, 10)
+
+    assert cli_main(["stats", str(demo), "--model", tiny_model_dir, "train.n_epohcs=2"]) == 1
+    assert "unknown config key 'train.n_epohcs'" in capsys.readouterr().err

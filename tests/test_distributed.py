@@ -90,9 +90,24 @@ def zero2(tmp_path_factory):
     return _launch_two(tmp_path_factory.mktemp("zero2"), "deepspeed=zero2_local")
 
 
+# ZeRO-3 also answers the before/after questions and evaluates its checkpoint, each in a worker process on the
+# folder holding the weights (no process has them all); the checkpoint eval needs the shared HEAD-QA files.
+ZERO3_CHECKS = ("generation_check.enabled=true", "generation_check.num_questions=2",
+                "generation_check.max_new_tokens=4", "generation_check.batch_size=2")
+ZERO3_CHECKPOINT_EVAL = ("checkpoint.eval_benchmark=headqa_es", "checkpoint.eval_limit=2",
+                         "checkpoint.eval_max_new_tokens=4")
+
+
+def _headqa_present() -> bool:
+    from medsft.paths import shared_data_dir
+
+    return (shared_data_dir() / "headqa_es").is_dir()
+
+
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
-    return _launch_two(tmp_path_factory.mktemp("zero3"), "deepspeed=zero3")
+    extra = (*ZERO3_CHECKS, *(ZERO3_CHECKPOINT_EVAL if _headqa_present() else ()))
+    return _launch_two(tmp_path_factory.mktemp("zero3"), "deepspeed=zero3", *extra)
 
 
 def _expected_lr(step: int, lr: float = 3e-3) -> float:
@@ -194,6 +209,35 @@ def test_deepspeed_zero3_two_processes_saves_full_weights_that_reload(zero3, ref
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_zero3_runs_the_generation_check_and_checkpoint_eval_on_saved_folders(zero3):
+    """Under ZeRO-3 the before/after answers come from a worker on the base model and on the final checkpoint,
+    the checkpoint eval from a worker on the checkpoint just saved; the log says so (issue 16: they were
+    skipped, the production preset had no checkpoint eval)."""
+    out, run = zero3["out"], zero3["run"]
+    assert "generation check before training: ZeRO-3 shards the weights, so a separate process answers from " \
+           "tiny-random:llama" in out
+    latest = ckpt.latest_complete_checkpoint(zero3["dir"] / "ckpts" / "tiny")
+    assert f"generation check after training: ZeRO-3 shards the weights, so a separate process answers from {latest}" in out
+    records = read_metrics(run / "metrics.jsonl")
+    gen = {r["when"]: r for r in records if r["kind"] == "generation"}
+    assert gen["before"]["step"] == 0 and gen["after"]["step"] == TOTAL_STEPS
+    for when in ("before", "after"):
+        rows = [json.loads(line) for line in (run / f"generations_{when}.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all(isinstance(r["answer"], str) for r in rows)
+        assert gen[when]["n_questions"] == 2
+    assert "BASE MODEL (before)" in out and "FINE-TUNED (after)" in out
+    summary = zero3["summary"]
+    assert "format_compliance_before" in summary and "format_compliance_after" in summary
+    if not _headqa_present():
+        pytest.skip("HEAD-QA data not found: the checkpoint eval part needs it")
+    assert f"checkpoint eval of {latest.name}: ZeRO-3 shards the weights, so a separate process evaluates" in out
+    evals = [r for r in records if r["kind"] == "checkpoint_eval"]
+    assert [e["step"] for e in evals] == [TOTAL_STEPS] and evals[0]["n"] == 2 and evals[0]["benchmark"] == "headqa_es"
+    assert 0.0 <= evals[0]["accuracy"] <= 1.0 and len(evals[0]["accuracy_ci95"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_sigterm_to_the_launcher_checkpoints_and_returns_the_workers_exit_code(tmp_path):
     """What SLURM does before a time limit: SIGTERM to `python launch.py`. The parent hands it to the training
     processes (not to torchrun, which would SIGKILL them 30 s later), they checkpoint and exit 75, and the
@@ -291,8 +335,22 @@ def test_launch_config_writes_the_accelerate_and_deepspeed_files(compose_config,
     assert str(loaded.distributed_type).endswith("DEEPSPEED") and loaded.num_processes == 8
     assert loaded.deepspeed_config["deepspeed_config_file"] == str(ds_file.resolve())
     assert loaded.deepspeed_config["zero3_init_flag"] is True
-    # The JSON is the generated one (auto precision = bf16: the files are for GPU machines).
-    assert json.loads(ds_file.read_text()) == deepspeed_json(compose_config(*overrides), "bf16", world_size=8)
+    # The JSON is the generated one (auto precision = bf16: the files are for GPU machines), of conf/'s defaults:
+    # without experiment= the CPU demo preset (batch 4 x accumulation 1, lr 8e-4) never applies silently.
+    ds = json.loads(ds_file.read_text())
+    assert ds == deepspeed_json(compose_config("~experiment", *overrides), "bf16", world_size=8)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 8)  # the seed's
+    assert "config: no experiment preset: conf/'s defaults, the seed's values; lr 5e-06" in printed
+    assert f"launch.py ~experiment {' '.join(overrides)}" in printed  # the launch composes the same config
+
+    # A named preset applies, and is said.
+    assert main(["launch-config", "experiment=medical_o1_spanish_8gpu", "data.path=x.json",
+                 "--out", str(tmp_path / "named")]) == 0
+    printed = capsys.readouterr().out
+    assert "config: experiment=medical_o1_spanish_8gpu; lr 5e-06, 2 per device x 8 accumulation x 8 processes" in printed
+    assert "launch.py experiment=medical_o1_spanish_8gpu data.path=x.json" in printed
+    assert main(["launch-config", "experiment=demo", "data.path=x.json", "--out", str(tmp_path / "demo")]) == 0
+    assert "config: experiment=demo; lr 0.0008, 4 per device x 1 accumulation" in capsys.readouterr().out
 
     assert main(["launch-config", "launcher=cpu_2proc", "data.path=x.json", "--out", str(tmp_path / "ddp")]) == 0
     plain = yaml.safe_load((tmp_path / "ddp" / "accelerate_config.yaml").read_text())

@@ -68,10 +68,23 @@ def test_before_after_check_runs_and_reports(tmp_path, capsys, caplog):
 def test_side_by_side_cuts_each_answer():
     text = side_by_side("¿Pregunta?", "a" * 100, "## Thinking\n\nbreve", max_chars=30)
     lines = text.splitlines()
-    assert "a" * 30 + " [...]" in text and "a" * 31 not in text
+    assert "a" * 30 + " [... 70 more characters]" in text and "a" * 31 not in text
     assert any(line.rstrip().endswith("## Thinking") for line in lines)
     assert all(len(line) <= 160 for line in lines)
-    assert "(empty answer)" in side_by_side("q", "", "x", 10)
+    assert "BASE MODEL (before): 100 characters" in text and "FINE-TUNED (after): 18 characters" in text
+    assert "(empty answer: no characters)" in side_by_side("q", "", "x", 10)
+
+
+def test_side_by_side_shows_whitespace_and_counts_it():
+    """An answer of 384 newlines is shown as such, with the 384 characters the summary's mean counts (issue 16:
+    it was "(empty answer)" next to "mean answer 384 chars")."""
+    text = side_by_side("q", "\n" * 384, "  ## Thinking\n\n\n\n\nVeamos\n\n", max_chars=100)
+    assert "(empty answer" not in text
+    assert "BASE MODEL (before): 384 characters" in text and "(whitespace only, 384 characters: ⏎×384)" in text
+    assert "FINE-TUNED (after): 26 characters" in text
+    after = [line.split(" | ", 1)[1] for line in text.splitlines() if " | " in line][1:]
+    assert after[:3] == ["[·×2] ## Thinking", "[⏎×5]", "Veamos [⏎×2]"]  # leading, inner and trailing runs
+    assert "(whitespace only, 5 characters: ⏎×2 ·×2 →)" in side_by_side("q", "\n\n  \t", "x", 10)
 
 
 @pytest.mark.parametrize("key", ["generation_check.repetition_penalty=0", "generation_check.repetition_penalty=-1"])

@@ -11,6 +11,7 @@ Faults land at known points through the TEST-ONLY hooks of medsft/train/faults.p
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -261,13 +262,17 @@ def test_nan_steps_are_skipped_and_counted_then_the_run_stops_with_the_last_good
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_a_finished_run_is_reported_complete_and_not_trained_again(tmp_path, dropout_model, reference, capsys):
+def test_a_finished_run_is_reported_complete_and_not_trained_again(tmp_path, dropout_model, reference, capsys,
+                                                                   caplog):
     root = tmp_path / "ckpts" / "tiny"
     shutil.copytree(reference["root"], root)
     before = {p.name: p.stat().st_mtime_ns for p in root.rglob("*")}
-    objective = _train(tmp_path, dropout_model, "again")
-    out = capsys.readouterr().out
-    assert "the run is already complete" in out and "checkpoint-1-12" in out and "nothing to train" in out
+    with caplog.at_level(logging.INFO, logger="medsft.resume"):
+        objective = _train(tmp_path, dropout_model, "again")
+    said = [r.getMessage() for r in caplog.records if "already complete" in r.getMessage()]
+    assert len(said) == 1, said  # said once: the log reaches the console and launch.log, no second print
+    assert "checkpoint-1-12" in said[0] and "nothing to train" in said[0]
+    assert "already complete" not in capsys.readouterr().out
     state = ckpt.read_trainer_state(root / "checkpoint-1-12")
     assert objective == (state["last_val_loss"] if state["last_val_loss"] is not None else state["last_loss"])
     assert _records(tmp_path / "again") == []

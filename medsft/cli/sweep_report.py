@@ -3,15 +3,24 @@
 
 from __future__ import annotations
 
-import argparse
-
+from medsft.cli.usage import CommandParser, examples_block
 from medsft.sweep.report import format_value, markdown_table, write_report
+
+# Commands of README.md (tests/test_cli_help.py checks that each is there).
+EXAMPLES = [
+    ("medsft sweep-report multirun_outputs/<date>/<time>", "report.md, report.csv and the plots, in the sweep"),
+    ("medsft sweep-report multirun_outputs/<date>/<time> --out reports/lr_sweep", "... elsewhere"),
+    ("medsft sweep-report multirun_outputs/<date>/<time> --no-plots", "only the tables"),
+]
 
 
 def cli_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="medsft sweep-report",
-        description="Table (report.md, report.csv; best first) and PNG plots of a Hydra multirun folder.",
+        description="medsft sweep-report: the table (report.md, report.csv; best objective first, failed jobs with "
+                    "their error) and PNG plots (loss curves, objective against each swept parameter) of a Hydra "
+                    "multirun folder. A sweep writes it by itself at its end; this rebuilds it, e.g. while jobs run.",
+        epilog=examples_block(EXAMPLES),
     )
     parser.add_argument("sweep_dir", help="the multirun folder, e.g. multirun_outputs/<date>/<time>")
     parser.add_argument("--out", default=None, help="where to write the report (default: the sweep folder)")

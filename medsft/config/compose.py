@@ -12,6 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from medsft.config.evaluate import EvaluateConfig
+from medsft.config.help import register_help_resolver
 from medsft.config.naming import register_resolvers
 from medsft.config.rl import RLConfig
 from medsft.config.schema import Config
@@ -24,8 +25,9 @@ RL_SCHEMA = "rl_schema"  # group rl; named first in conf/rl/base.yaml's
 
 def register_configs() -> None:
     """Register the schemas so the conf/ files can name them in their defaults lists, and the resolvers they
-    use (`${medsft_name:...}`, medsft.config.naming)."""
+    use (`${medsft_name:...}`, medsft.config.naming; the config groups listed by `--help`, medsft.config.help)."""
     register_resolvers()
+    register_help_resolver()
     store = ConfigStore.instance()
     store.store(name=TRAIN_SCHEMA, node=Config)
     store.store(name=EVAL_SCHEMA, node=EvaluateConfig)

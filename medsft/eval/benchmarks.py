@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from medsft.errors import ConfigError, DataError
-from medsft.paths import REPO_ROOT
+from medsft.paths import REPO_ROOT, SHARED_DATA_ENV
 
 LETTERS = "ABCDEFGHIJKLMN"
 
@@ -98,7 +98,8 @@ def resolve_data_path(path: str | os.PathLike, kind: str) -> Path:
     where = WHERE_TO_GET.get(kind, "")
     raise DataError(
         f"eval data not found: {path!s} (looked in {', '.join(str(c) for c in candidates)}). "
-        f"Set eval.path=<location>{'; get it from ' + where if where else ''}."
+        f"Set eval.path=<location> or {SHARED_DATA_ENV}=<the folder holding the benchmark folders>"
+        f"{'; get it from ' + where if where else ''}."
     )
 
 

@@ -88,7 +88,7 @@ def model_label(model_cfg: DictConfig) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
-def _device(cfg_device: str) -> torch.device:
+def eval_device(cfg_device: str) -> torch.device:
     if cfg_device == "cuda" or (cfg_device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("eval.device=cuda but no CUDA device is available; use eval.device=auto or cpu")
@@ -142,7 +142,7 @@ def run_evaluation(cfg: DictConfig, out_dir: Optional[str | Path] = None) -> Pat
     pred_path = out / "predictions.jsonl"
     pred_path.write_text("", encoding="utf-8")
 
-    device = _device(e.device)
+    device = eval_device(e.device)
     t0 = time.perf_counter()
     if e.backend == "vllm":
         if not vllm_available():

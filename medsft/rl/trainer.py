@@ -138,7 +138,7 @@ def train_rl(cfg: DictConfig, run_dir: Path) -> Optional[float]:
     if trainer.accelerator.is_main_process:
         (run_dir / "rl_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         if cfg.logging.plot:
-            plot_rl_curves(metrics_cb.records, run_dir / "rl_curves.png")
+            plot_rl_curves(metrics_cb.records, run_dir / "rl_curves.png", title=cfg.experiment_name)
         log.info("RL done: %s", summary)
     _cleanup(trainer)
     return objective

@@ -5,7 +5,8 @@
 
 Writes into the sweep folder (or --out):
     report.md                       summary, the table, failures with their error, links to the plots
-    report.csv                      the same table, full precision, one row per job
+    report.csv                      the same table, full precision, one row per job (the checkpoint eval's
+                                    95% interval as eval_accuracy_ci95_lo / _hi)
     loss_curves.png                 train loss (solid) and validation loss (dashed) of every job on one chart
     objective_vs_<param>.png        the objective against each swept parameter (one file per parameter)
 
@@ -26,11 +27,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from matplotlib import colormaps
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, NullFormatter
 
+from medsft import plots as charts
 from medsft.config.secrets import redact
+from medsft.eval.report import wilson_interval
 from medsft.errors import MedsftError
 from medsft.outputs import METRICS_FILE, last_summary, read_records
 from medsft.outputs import objective as run_objective
@@ -43,6 +43,7 @@ METRIC_COLUMNS = (
     "val_loss_after",
     "val_loss_drop",
     "format_compliance_after",
+    "eval_accuracy",  # the last checkpoint eval (checkpoint.eval_benchmark), shown with its 95% Wilson interval
     "steps",
     "duration_s",
 )
@@ -180,6 +181,7 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
     summary = last_summary(records)
 
     metrics = dict(summary)
+    metrics.update(_last_checkpoint_eval(records))
     metrics.update({key: value for key, value in final.items() if key in METRIC_COLUMNS or key == "checkpoint_dir"})
     error = None
     status = final.get("status")
@@ -207,6 +209,32 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
         path=job_dir, name=name, num=_job_number(job_dir, name, final), overrides=overrides,
         params=params, status=status, objective=objective, metrics=metrics, train=train, val=val, error=error,
     )
+
+
+def _last_checkpoint_eval(records: list[dict]) -> dict:
+    """The job's last checkpoint eval (`checkpoint_eval` records of metrics.jsonl): its accuracy, n, benchmark,
+    step and the 95% Wilson score interval of the accuracy (from n_correct, or accuracy x n for records that
+    predate n_correct: the accuracy is n_correct / n exactly)."""
+    evals = [r for r in records if r.get("kind") == "checkpoint_eval" and _finite(r.get("accuracy"))
+             and isinstance(r.get("n"), int) and r["n"] > 0]
+    if not evals:
+        return {}
+    last = evals[-1]
+    n = last["n"]
+    n_correct = last.get("n_correct")
+    if not isinstance(n_correct, int):
+        n_correct = int(round(last["accuracy"] * n))
+    lo, hi = wilson_interval(n_correct, n)
+    return {"eval_accuracy": last["accuracy"], "eval_accuracy_ci95": [round(lo, 4), round(hi, 4)], "eval_n": n,
+            "eval_benchmark": last.get("benchmark"), "eval_step": last.get("step")}
+
+
+def eval_cell(metrics: dict) -> str:
+    """`12.0% [7.0, 19.8]`: the checkpoint eval's accuracy and its 95% interval, in %."""
+    acc, ci = metrics.get("eval_accuracy"), metrics.get("eval_accuracy_ci95")
+    if acc is None:
+        return ""
+    return f"{100 * acc:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
 
 def _sweep_direction(sweep_dir: Path) -> str:
@@ -284,6 +312,7 @@ def table_rows(jobs: list[JobResult], swept: list[str]) -> list[dict]:
             "status": job.status,
             **{key: job.params.get(key) for key in swept},
             **{key: job.metrics.get(key) for key in METRIC_COLUMNS},
+            **_eval_extras(job.metrics),
             "overrides": " ".join(job.overrides),
             "job_dir": job.name,
             "error": job.error,
@@ -292,8 +321,18 @@ def table_rows(jobs: list[JobResult], swept: list[str]) -> list[dict]:
     return rows
 
 
+def _eval_extras(metrics: dict) -> dict:
+    ci = metrics.get("eval_accuracy_ci95") or [None, None]
+    return {"eval_accuracy_ci95_lo": ci[0], "eval_accuracy_ci95_hi": ci[1], "eval_n": metrics.get("eval_n"),
+            "eval_benchmark": metrics.get("eval_benchmark"), "eval_step": metrics.get("eval_step")}
+
+
 def write_csv(path: Path, jobs: list[JobResult], swept: list[str]) -> Path:
-    columns = [*table_columns(jobs, swept), "overrides", "job_dir", "error"]
+    columns = table_columns(jobs, swept)
+    if "eval_accuracy" in columns:
+        at = columns.index("eval_accuracy") + 1
+        columns[at:at] = ["eval_accuracy_ci95_lo", "eval_accuracy_ci95_hi", "eval_n", "eval_benchmark", "eval_step"]
+    columns += ["overrides", "job_dir", "error"]
     with Path(path).open("w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -313,8 +352,10 @@ def _short_param(value: Any) -> Any:
 def markdown_table(jobs: list[JobResult], swept: list[str]) -> str:
     columns = table_columns(jobs, swept)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in table_rows(jobs, swept):
+    for job, row in zip(jobs, table_rows(jobs, swept)):
         cells = [_md_cell(_short_param(row.get(c)) if c in swept else row.get(c)) for c in columns]
+        if "eval_accuracy" in columns:
+            cells[columns.index("eval_accuracy")] = _md_cell(eval_cell(job.metrics))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -338,6 +379,12 @@ def write_markdown(report: SweepReport, plots: list[Path]) -> Path:
         lines += ["Swept: " + ", ".join(f"`{k}`" for k in report.swept), ""]
     if report.common:
         lines += ["Common overrides: `" + " ".join(report.common) + "`", ""]
+    evaluated = [j for j in jobs if j.metrics.get("eval_accuracy") is not None]
+    if evaluated:
+        benches = sorted({str(j.metrics.get("eval_benchmark")) for j in evaluated})
+        sizes = sorted({j.metrics["eval_n"] for j in evaluated})
+        lines += [f"eval_accuracy: the last checkpoint eval of each job ({', '.join(benches)}, "
+                  f"{'/'.join(map(str, sizes))} questions) with its 95% Wilson score interval [lo, hi] in %.", ""]
     lines += [markdown_table(jobs, report.swept), ""]
     failed = report.failed
     if failed:
@@ -365,95 +412,52 @@ def _job_label(job: JobResult, swept: list[str]) -> str:
     return " ".join([head, *parts]) + tail
 
 
-def _new_figure(figsize):
-    return Figure(figsize=figsize)
+def _curves(jobs: list[JobResult], swept: list[str]) -> list[LossCurve]:
+    """Every job with metrics as a loss curve, in job order."""
+    plotted = [job for job in sorted(jobs, key=lambda j: (j.num if j.num is not None else 1 << 30, j.name))
+               if job.train or job.val]
+    return [charts.LossCurve(label=_job_label(job, swept), train_steps=[r["step"] for r in job.train],
+                      train_loss=[r["loss"] for r in job.train], val_steps=[r["step"] for r in job.val],
+                      val_loss=[r["val_loss"] for r in job.val], complete=job.status == "completed")
+            for job in plotted]
 
 
 def plot_loss_curves(jobs: list[JobResult], swept: list[str], path: Path) -> Path:
-    """Every job's train loss (solid) and validation loss (dashed, markers) against optimizer step."""
-    plotted = [job for job in sorted(jobs, key=lambda j: (j.num if j.num is not None else 1 << 30, j.name))
-               if job.train or job.val]
-    many = len(plotted) > 10
-    fig = _new_figure((11 if many else 8, 4.5))
-    ax = fig.add_subplot(1, 1, 1)
-    cmap = colormaps["tab10" if len(plotted) <= 10 else "viridis"]
-    for i, job in enumerate(plotted):
-        color = cmap(i % 10) if len(plotted) <= 10 else cmap(i / max(len(plotted) - 1, 1))
-        label = _job_label(job, swept)
-        style = "-" if job.status == "completed" else ":"
-        if job.train:
-            ax.plot([r["step"] for r in job.train], [r["loss"] for r in job.train], style, color=color,
-                    label=label, marker="." if len(job.train) < 3 else None)
-            label = None
-        if job.val:
-            ax.plot([r["step"] for r in job.val], [r["val_loss"] for r in job.val], "--o", color=color,
-                    markersize=5, markerfacecolor="none", label=label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss per token (solid: train, dashed/o: validation)")
-    hidden = len(jobs) - len(plotted)
-    ax.set_title(f"Loss curves of {len(plotted)} job(s)" + (f" ({hidden} without metrics not shown)" if hidden else ""))
-    ax.grid(alpha=0.3)
-    steps = [r["step"] for job in plotted for r in (*job.train, *job.val)]
-    if steps and max(steps) - min(steps) < 5:
-        ax.set_xticks(range(int(min(steps)), int(max(steps)) + 1))
-        ax.set_xlim(min(steps) - 0.5, max(steps) + 0.5)
-    if not plotted:
-        ax.text(0.5, 0.5, "no metrics yet", ha="center", va="center", transform=ax.transAxes)
-    else:  # below the chart, so it never hides a curve
-        ax.legend(fontsize=7 if many else 8, loc="upper center", bbox_to_anchor=(0.5, -0.12),
-                  ncol=1 if len(plotted) <= 6 else (2 if len(plotted) <= 30 else 3), frameon=False)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return Path(path)
+    """Every job's train loss (solid) and validation loss (dashed, markers) against optimizer step
+    (medsft.plots: the style of a run's curves.png)."""
+    curves = _curves(jobs, swept)
+    hidden = len(jobs) - len(curves)
+    title = f"Loss curves of {len(curves)} job(s)" + (f" ({hidden} without metrics not shown)" if hidden else "")
+    return charts.plot_loss_curves(curves, path, title)
 
 
 def plot_objective_vs(jobs: list[JobResult], param: str, swept: list[str], path: Path, direction: str) -> Path:
     """Objective against one swept parameter; points sharing the other swept values are joined by a line."""
     done = [job for job in jobs if job.rankable and param in job.params]
-    fig = _new_figure((7, 4.5))
-    ax = fig.add_subplot(1, 1, 1)
     numbers = [to_number(job.params[param]) for job in done]
     numeric = bool(done) and all(n is not None for n in numbers)
+    categories = None
+    log_x = False
     if numeric:
         xs = numbers
         positive = [x for x in xs if x > 0]
-        if len(positive) == len(xs) and len(set(xs)) > 1 and max(xs) / min(xs) >= 9.99:
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap
+        log_x = len(positive) == len(xs) and len(set(xs)) > 1 and max(xs) / min(xs) >= 9.99
     else:
-        categories = sorted({job.params[param] for job in done},
-                            key=lambda v: (to_number(v) is None, to_number(v) or 0, v))
-        index = {value: i for i, value in enumerate(categories)}
+        values = sorted({job.params[param] for job in done}, key=lambda v: (to_number(v) is None, to_number(v) or 0, v))
+        index = {value: i for i, value in enumerate(values)}
         xs = [float(index[job.params[param]]) for job in done]
-        ax.set_xticks(range(len(categories)))
-        ax.set_xticklabels([str(_short_param(c)) for c in categories], rotation=20 if len(categories) > 4 else 0,
-                           fontsize=8)
+        categories = [str(_short_param(v)) for v in values]
     others = [k for k in swept if k != param]
-    groups: dict[tuple, list[tuple[float, float]]] = {}
-    for job, x in zip(done, xs):
-        groups.setdefault(tuple(job.params.get(k) for k in others), []).append((x, job.objective))
-    lined = any(len(points) > 1 for points in groups.values()) and len(groups) <= 12
-    if lined:
-        for group, points in groups.items():
-            points.sort()
-            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={_short_param(v)}" for k, v in zip(others, group)) or None
-            ax.plot([p[0] for p in points], [p[1] for p in points], "-o", label=label)
-        if others:
-            ax.legend(fontsize=8)
-    else:
-        ax.scatter(xs, [job.objective for job in done], zorder=3)
+    points = [charts.ObjectivePoint(x=x, objective=job.objective,
+                                   series=", ".join(f"{k.rsplit('.', 1)[-1]}={_short_param(job.params.get(k))}"
+                                                    for k in others) or None)
+              for job, x in zip(done, xs)]
+    best = None
     if done:
-        best = min(done, key=lambda j: j.objective if direction != "maximize" else -j.objective)
-        ax.scatter([xs[done.index(best)]], [best.objective], marker="*", s=220, color="gold", edgecolor="black",
-                   zorder=4, label="best")
-    else:
-        ax.text(0.5, 0.5, "no completed job", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel(param)
-    ax.set_ylabel(f"objective ({direction})")
-    ax.set_title(f"Objective vs {param} ({len(done)} completed job(s))")
-    ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return Path(path)
+        best_job = min(done, key=lambda j: j.objective if direction != "maximize" else -j.objective)
+        best = points[done.index(best_job)]
+    return charts.plot_objective(points, path, param=param, direction=direction, categories=categories, log_x=log_x,
+                                best=best, title=f"Objective vs {param} ({len(done)} completed job(s))")
 
 
 def plot_filename(param: str) -> str:

@@ -37,15 +37,17 @@ from medsft.plots import plot_curves
 from medsft.runtime.accelerator import (build_accelerator, loss_scale_for, micro_batch_sync,
                                         prepare_model_and_optimizer)
 from medsft.runtime.deepspeed import deepspeed_step_applied, nonfinite_backward_loss
+from medsft.runtime.quiet import quiet_checkpoint_save
 from medsft.testing import faults  # TEST-ONLY fault injection hooks, inert unless $MEDSFT_TEST_FAULTS is set
 from medsft.testing.debug_dump import write_debug_dump  # TEST-ONLY, a no-op unless $MEDSFT_DEBUG_DUMP is set
-from medsft.tracking import HubPusher, Tracker
+from medsft.tracking import HubPusher, Tracker, command_line, model_card
 from medsft.train import checkpoint as ckpt
 from medsft.train.checkpoint_eval import evaluate_checkpoint, prepare_checkpoint_eval
 from medsft.train.generation_check import run_generation_check
 from medsft.train.metrics import MetricWindow
 from medsft.train.optim import build_optimizer, build_scheduler, lr_multiplier
 from medsft.train.resume import maybe_resume, report_complete, restore_rng
+from medsft.train.runstats import COST_KEYS, RunStats, cost_lines, rate
 from medsft.train.signals import PreemptionHandler
 from medsft.train.state import TrainState, run_fingerprint
 
@@ -77,6 +79,7 @@ class RunContext:
     peak_flops: Optional[float] = None
     generation_before: Optional[dict] = None  # the generation check's answers before training
     checkpoint_eval: Optional[tuple] = None  # (eval node, items) of checkpoint.eval_benchmark, loaded once
+    stats: Optional[RunStats] = None  # wall time, throughput, peak memory (medsft.train.runstats)
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -278,19 +281,22 @@ def save(ctx: RunContext, epoch: int, window: Optional[MetricWindow] = None) -> 
     state = ctx.state
     if ctx.tracker.run_id:
         state.wandb_run_id = ctx.tracker.run_id
-    path = ckpt.save_checkpoint(
-        ctx.accelerator, ctx.model, ctx.tokenizer, ctx.ckpt_root, epoch, state.global_step,
-        trainer_state={**asdict(state), "plan": asdict(ctx.plan), "fingerprint": run_fingerprint(ctx.cfg, ctx.data, ctx.accelerator.num_processes),
-                       "metric_window": window.saved_state(ctx.accelerator) if window is not None else None},
-        cfg=ctx.cfg,
-    )
+    with quiet_checkpoint_save():  # no "Writing model shards" progress bar at every checkpoint
+        path = ckpt.save_checkpoint(
+            ctx.accelerator, ctx.model, ctx.tokenizer, ctx.ckpt_root, epoch, state.global_step,
+            trainer_state={**asdict(state), "plan": asdict(ctx.plan),
+                           "fingerprint": run_fingerprint(ctx.cfg, ctx.data, ctx.accelerator.num_processes),
+                           "metric_window": window.saved_state(ctx.accelerator) if window is not None else None},
+            cfg=ctx.cfg,
+        )
     if ctx.accelerator.is_main_process:
         ckpt.rotate_checkpoints(ctx.ckpt_root, ctx.cfg.checkpoint.max_ckpts, protect=path)
         log.info("checkpoint saved: %s", path)
-        if ctx.pusher is not None:
-            ctx.pusher.submit(path, f"medsft {ctx.cfg.experiment_name} step {state.global_step}")
+        if ctx.pusher is not None:  # in the background, with the model card as README.md
+            ctx.pusher.submit(path, f"medsft {ctx.cfg.experiment_name} step {state.global_step}",
+                              card=_model_card(ctx, checkpoint=path.name))
     ctx.accelerator.wait_for_everyone()
-    evaluate_checkpoint(ctx)
+    evaluate_checkpoint(ctx, path)
     return path
 
 
@@ -300,7 +306,9 @@ def save(ctx: RunContext, epoch: int, window: Optional[MetricWindow] = None) -> 
 def train(cfg: DictConfig, run_dir: Path) -> Optional[float]:
     """Run the SFT stage described by `cfg`; returns the objective (final val loss, else final train loss)."""
     run_dir = Path(run_dir)
+    stats = RunStats()  # before setup: the wall time includes loading data and model
     ctx = setup(cfg, run_dir)
+    ctx.stats = stats
     accelerator, state, plan = ctx.accelerator, ctx.state, ctx.plan
     is_main = accelerator.is_main_process
     preemption = PreemptionHandler().install()  # SIGTERM: checkpoint at the next step boundary, exit 75
@@ -312,7 +320,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Optional[float]:
             ctx.tracker.start(cfg, run_name=run_name(cfg), config=to_plain_dict(cfg), resume_id=state.wandb_run_id)
         _log_plan(ctx)
 
-        report = {"val_loss_before": validation_loss(ctx)} if ctx.data.val else {}
+        report = {"val_loss_before": _log_validation(ctx)} if ctx.data.val else {}  # a val point at this step
         before = _generation_check(ctx, "before")
         ctx.model.train()
         progress = _progress_bar(ctx)
@@ -322,14 +330,17 @@ def train(cfg: DictConfig, run_dir: Path) -> Optional[float]:
         while state.epoch < plan.epochs and state.global_step < plan.total_steps:
             groups = ctx.order.step_groups(plan, state.epoch, accelerator.process_index)
             for group in groups[state.step_in_epoch :]:
+                started, tokens_before = time.perf_counter(), window.sums["tokens"]
                 optimizer_step(ctx, group, window)
+                stats.add_step(window.sums["tokens"] - tokens_before, time.perf_counter() - started)
                 faults.after_step(state.global_step)  # TEST-ONLY
                 progress.update(1)
                 window.steps += 1
                 epoch_float = state.epoch + state.step_in_epoch / len(groups)
                 if state.global_step % cfg.logging.every_n_steps == 0 or state.global_step == plan.total_steps:
                     record = log_window(ctx, window, epoch_float)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    progress.set_postfix_str(f"loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                                             f"{rate(record['tokens_per_s'])}")
                     window = MetricWindow()
                 if cfg.train.eval_every_n_steps and state.global_step % cfg.train.eval_every_n_steps == 0:
                     _log_validation(ctx)
@@ -354,9 +365,9 @@ def train(cfg: DictConfig, run_dir: Path) -> Optional[float]:
         progress.close()
 
         report["val_loss_after"] = _log_validation(ctx) if ctx.data.val else None
-        after = _generation_check(ctx, "after")
         if cfg.checkpoint.save_final and last_saved_step != state.global_step:
             save(ctx, max(0, min(state.epoch, plan.epochs - 1)))
+        after = _generation_check(ctx, "after")  # after the final save: under ZeRO-3 it reads that folder
         write_debug_dump(ctx)
         summary = _summarize(ctx, report, before, after)
         return summary["objective"]
@@ -423,6 +434,7 @@ def _summarize(ctx: RunContext, report: dict, before: Optional[dict], after: Opt
         "final_train_loss": state.last_loss,
         **{k: v for k, v in report.items() if v is not None},
         "checkpoint_dir": str(ctx.ckpt_root),
+        **ctx.stats.figures(ctx.accelerator),  # collective: every process takes part
     }
     if report.get("val_loss_before") and report.get("val_loss_after") is not None:
         figures["val_loss_drop"] = 1.0 - report["val_loss_after"] / report["val_loss_before"]
@@ -432,11 +444,19 @@ def _summarize(ctx: RunContext, report: dict, before: Optional[dict], after: Opt
             figures[f"mean_answer_chars_{tag}"] = result["mean_chars"]
     summary = ctx.metrics.write_summary(figures, objective)
     ctx.tracker.summary(summary)
+    if ctx.pusher is not None:
+        ctx.pusher.update_card(_model_card(ctx, final=True), f"medsft {ctx.cfg.experiment_name}: final model card")
     if ctx.accelerator.is_main_process:
         if ctx.cfg.logging.plot:
-            plot_curves(ctx.metrics.records, ctx.run_dir / "curves.png")
+            plot_curves(ctx.metrics.records, ctx.run_dir / "curves.png", title=ctx.cfg.experiment_name)
         _print_summary(ctx, summary)
     return summary
+
+
+def _model_card(ctx: RunContext, checkpoint: Optional[str] = None, final: bool = False) -> str:
+    run = {"train_examples": len(ctx.data.train), "val_examples": len(ctx.data.val or []),
+           "total_steps": ctx.plan.total_steps, "step": ctx.state.global_step}
+    return model_card(ctx.cfg, ctx.metrics.records, run, command_line(), checkpoint=checkpoint, final=final)
 
 
 def _print_summary(ctx: RunContext, summary: dict) -> None:
@@ -444,7 +464,8 @@ def _print_summary(ctx: RunContext, summary: dict) -> None:
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
     lines = ["", "== medsft run summary =="]
-    lines += [f"  {key:<24} {fmt(value)}" for key, value in summary.items() if key != "kind"]
+    lines += [f"  {key:<24} {fmt(value)}" for key, value in summary.items() if key != "kind" and key not in COST_KEYS]
+    lines += [f"  {label:<24} {text}" for label, text in cost_lines(summary)]
     latest = ckpt.latest_complete_checkpoint(ctx.ckpt_root)
     lines += [
         f"  {'latest checkpoint':<24} {latest}",

@@ -236,13 +236,11 @@ def maybe_resume(ctx) -> Optional[Resumed]:
 def report_complete(ctx, resumed: Resumed) -> Optional[float]:
     """The newest checkpoint is the run's last step: say so and train nothing (the caller returns, exit 0)."""
     state = ctx.state
-    message = (
-        f"medsft: the run is already complete: {resumed.path} holds its final step {state.global_step} of "
-        f"{ctx.plan.total_steps}; nothing to train. To train again from scratch there: "
-        f"resume.from_checkpoint=never resume.overwrite=true; to train longer: raise train.n_epochs / "
-        f"train.max_steps with resume.allow_config_change=true."
+    # Logged once, by the main process (the others log warnings only): the console and launch.log each show it.
+    log.info(
+        "the run is already complete: %s holds its final step %d of %d; nothing to train. To train again from "
+        "scratch there: resume.from_checkpoint=never resume.overwrite=true; to train longer: raise train.n_epochs / "
+        "train.max_steps with resume.allow_config_change=true.", resumed.path, state.global_step,
+        ctx.plan.total_steps,
     )
-    log.info(message)
-    if ctx.accelerator.is_main_process:
-        print(message, flush=True)
     return state.last_val_loss if state.last_val_loss is not None else state.last_loss
