@@ -43,8 +43,8 @@ class RunStats:
         else:
             tokens, peak = float(local[0]), float(local[1])
         return {
-            "wall_time_s": round(time.perf_counter() - self.started, 2),
-            "train_time_s": round(self.train_seconds, 2),
+            "wall_time_s": round(time.perf_counter() - self.started, 3),
+            "train_time_s": round(self.train_seconds, 3),
             "train_tokens": int(tokens),
             "tokens_per_s": round(tokens / self.train_seconds, 1) if self.train_seconds > 0 else None,
             "peak_memory_gb": round(peak / GIB, 3),
