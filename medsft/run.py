@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medsft.config import validate
 from medsft.errors import ConfigError, MedsftError
+from medsft.models import require_4bit_support
 from medsft.runtime.relaunch import maybe_relaunch, record_exit
 from medsft.sweep import register_resolvers as register_sweep_resolvers
 from medsft.sweep.job import is_multirun, run_job
@@ -38,6 +39,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
     """Validate and run the configured stage; returns the sweep objective. Raises MedsftError on user errors."""
     _check_required(cfg)
     validate(cfg)
+    require_4bit_support(cfg.peft, cpu=bool(cfg.launcher.cpu))  # QLoRA: CUDA + bitsandbytes, before any model loads
     run_dir = Path(run_dir) if run_dir is not None else _run_dir()
     relaunched, objective = maybe_relaunch(cfg, run_dir)  # launcher.num_processes > 1: via accelerate launch
     if relaunched:

@@ -85,8 +85,40 @@ def validate(cfg: DictConfig) -> None:
                         "(1.0 = none)")
     if cfg.data.packing and cfg.data.group_by_length:
         problems.append("data.packing and data.group_by_length are alternatives: enable one")
+    problems += peft_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def peft_problems(cfg: DictConfig) -> list[str]:
+    """The `peft` group's checks (CUDA for QLoRA is checked at run start: medsft.models.load)."""
+    p = cfg.peft
+    problems = [f"peft.{key}={p[key]!r} is not one of {list(allowed)}" for key, allowed in (
+        ("bias", ("none", "all", "lora_only")), ("bnb_4bit_quant_type", ("nf4", "fp4")),
+        ("bnb_4bit_compute_dtype", ("bfloat16", "float16", "float32"))) if p[key] not in allowed]
+    if cfg.checkpoint.merge_adapter and not p.enabled:
+        problems.append("checkpoint.merge_adapter=true needs an adapter run (peft=lora | dora | qlora)")
+    if not p.enabled:
+        if p.load_in_4bit:
+            problems.append("peft.load_in_4bit=true quantises a frozen base, which needs an adapter: use peft=qlora")
+        return problems
+    if p.r < 1:
+        problems.append(f"peft.r={p.r} must be >= 1")
+    if p.alpha <= 0:
+        problems.append(f"peft.alpha={p.alpha} must be > 0")
+    if not 0.0 <= p.dropout < 1.0:
+        problems.append(f"peft.dropout={p.dropout} must be in [0, 1)")
+    targets = p.target_modules
+    if targets != "all-linear" and (not OmegaConf.is_list(targets) or not len(targets)
+                                    or not all(isinstance(t, str) and t for t in targets)):
+        problems.append(f"peft.target_modules={targets!r} must be all-linear or a non-empty list of module names "
+                        "(e.g. [q_proj,v_proj])")
+    if not all(isinstance(m, str) and m for m in p.modules_to_save):
+        problems.append(f"peft.modules_to_save={list(p.modules_to_save)!r} must be a list of module names")
+    if p.load_in_4bit and cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
+        problems.append(f"peft={p.name} (4-bit base) with deepspeed={cfg.deepspeed.name} (ZeRO-3) is not supported: "
+                        "the 4-bit base fits on each GPU, so use DDP (deepspeed=none) or ZeRO-2")
+    return problems
 
 
 def validate_rl(cfg: DictConfig) -> None:

@@ -8,6 +8,7 @@ Layout of `{root}/checkpoint-{epoch}-{step}/`:
                            the metric window not yet logged, wandb run id, config fingerprint
     medsft_config.yaml     the resolved config of the run (no secrets)
     COMPLETE               written last; a folder without it is never resumed from or counted as kept
+An adapter run (peft.enabled) writes the adapter in peft's format instead of the model (medsft.train.adapter_checkpoint).
 
 Crash safety (a process may be SIGKILLed at any instruction):
 - Everything is written into `.tmp-checkpoint-*` first and fsynced; the COMPLETE marker is written and fsynced
@@ -32,6 +33,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from medsft.testing import faults  # TEST-ONLY hooks, inert unless $MEDSFT_TEST_FAULTS is set
+from medsft.train import adapter_checkpoint as adapters
 
 log = logging.getLogger("medsft.checkpoint")
 
@@ -129,18 +131,21 @@ def save_checkpoint(
         tmp.mkdir()
     accelerator.wait_for_everyone()
 
-    # The full (ZeRO-3: gathered) state dict; a collective, so all processes take part.
-    state_dict = accelerator.get_state_dict(model)
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(
-        tmp,
-        is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save,
-        state_dict=state_dict,
-        safe_serialization=True,
-    )
-    del state_dict
-    accelerator.save_state(str(tmp / TRAINING_STATE_DIR))
+    if adapters.is_adapter_run(accelerator, model):  # peft: the adapter only (medsft.train.adapter_checkpoint)
+        adapters.save_adapter(accelerator, model, tmp)
+    else:
+        # The full (ZeRO-3: gathered) state dict; a collective, so all processes take part.
+        state_dict = accelerator.get_state_dict(model)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(
+            tmp,
+            is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save,
+            state_dict=state_dict,
+            safe_serialization=True,
+        )
+        del state_dict
+    accelerator.save_state(str(tmp / TRAINING_STATE_DIR), **adapters.save_state_kwargs(accelerator, model))
     if accelerator.is_main_process:
         tokenizer.save_pretrained(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")
