@@ -194,6 +194,9 @@ def validate_rl(cfg: DictConfig) -> None:
             f"rl.per_device_batch_size x processes x rl.gradient_accumulation_steps = {batch} completions per "
             f"step must be a multiple of rl.num_generations={rl.num_generations} (whole prompt groups)"
         )
+    if rl.algorithm == "ppo" and cfg.peft.enabled:
+        problems.append(f"rl=ppo with peft={cfg.peft.name}: an adapter on the PPO policy is not supported; use "
+                        "rl=grpo, or peft=none (an adapter checkpoint as model.path is fine: it loads merged)")
     if rl.algorithm == "ppo":
         if not 0.0 <= rl.ppo.lam <= 1.0 or not 0.0 <= rl.ppo.gamma <= 1.0:
             problems.append("rl.ppo.gamma and rl.ppo.lam must be in [0, 1]")

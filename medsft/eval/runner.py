@@ -23,7 +23,7 @@ from medsft.eval.compat import COMPAT_LABEL
 from medsft.eval.generate import GenerationResult, generate_batch, generate_vllm, vllm_available
 from medsft.eval.report import accuracy_ci95, append_predictions, render_markdown, write_summary
 from medsft.eval.scorer import score_items
-from medsft.models import load_model_and_tokenizer, load_tokenizer, resolve_model_dir, torch_dtype
+from medsft.models import is_adapter_dir, load_model_and_tokenizer, load_tokenizer, resolve_model_dir, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,10 @@ def run_evaluation(cfg: DictConfig, out_dir: Optional[str | Path] = None) -> Pat
         tokenizer = load_tokenizer(cfg.model)
         ensure_chat_template(tokenizer)
         model_dir = resolve_model_dir(cfg.model.path, cfg.model.cache_dir, cfg.model.tiny)
+        if is_adapter_dir(model_dir):
+            raise ConfigError(f"eval.backend=vllm: model.path={cfg.model.path} is an adapter checkpoint; merge it "
+                              "first (`medsft merge <checkpoint> --out DIR`, then model.path=DIR) or use "
+                              "eval.backend=transformers, which loads base + adapter")
     else:
         model, tokenizer = load_for_eval(cfg.model, device)
     load_seconds = time.perf_counter() - t0
