@@ -350,8 +350,9 @@ def test_sigkill_then_resume_is_bitwise_exact_for_lora(tmp_path):
 
 # ------------------------------------------------------------------------------------------ two processes
 
+# No LoRA dropout here: its masks depend on the micro-batch shapes, which differ between 1 and 2 processes.
 TWO = ("train.gradient_accumulation_steps=2", "train.n_epochs=1", "checkpoint.save_at_epoch_end=false",
-       "peft.modules_to_save=[lm_head]")
+       "peft.modules_to_save=[lm_head]", "peft.dropout=0")
 
 
 @pytest.fixture(scope="module")
@@ -401,3 +402,19 @@ def test_lora_zero3_two_processes_saves_the_gathered_adapter_that_reloads(tmp_pa
     shards = list((two["ckpt"] / ckpt.TRAINING_STATE_DIR).rglob("*model_states.pt"))
     assert shards  # DeepSpeed's own shards, the frozen base left out
     assert sum(p.stat().st_size for p in shards) < (Path(tiny_model_dir) / "model.safetensors").stat().st_size
+
+
+@pytest.mark.slow
+def test_the_peft_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peft_bench.py"), "--smoke", "--configs",
+                           "full,lora_r16", "--work-dir", str(tmp_path / "work"), "--json-out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["config"]: r for r in map(json.loads, out.read_text().splitlines())}
+    full, lora = rows["full"], rows["lora_r16"]
+    assert full["trainable_params"] == full["total_params"] and 0 < lora["trainable_params"] < lora["total_params"]
+    assert lora["total_params"] == full["total_params"] + lora["trainable_params"]  # the adapter is added
+    assert full["steps"] == lora["steps"] == 2 and lora["loss_first"] == pytest.approx(full["loss_first"])
+    assert 0 < lora["checkpoint_mb"] < full["checkpoint_mb"] and lora["peak_rss_mb"] > 0
+    assert "| lora_r16 |" in done.stdout and "checkpoint_mb / full =" in done.stdout

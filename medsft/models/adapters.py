@@ -194,6 +194,3 @@ def apply_peft(model: PreTrainedModel, peft_cfg: Any, gradient_checkpointing: bo
 def trainable_names(model: torch.nn.Module) -> set[str]:
     return {name for name, param in model.named_parameters() if param.requires_grad}
 
-
-def frozen_names(model: torch.nn.Module) -> set[str]:
-    return {name for name, param in model.named_parameters() if not param.requires_grad}

@@ -29,7 +29,7 @@ from typing import Optional
 
 from safetensors.torch import load_file
 
-from medsft.models.adapters import frozen_names, is_peft_model, trainable_names
+from medsft.models.adapters import is_peft_model, trainable_names
 from medsft.models.merge import MERGED_DIR, merge_to_folder
 from medsft.runtime.accelerator import deepspeed_engine
 
@@ -47,6 +47,7 @@ def _gathered(params: list, engine):
     if engine is not None and engine.zero_optimization_stage() == 3:
         import deepspeed  # the optional extra, present whenever a DeepSpeed engine exists
 
+        engine.empty_partition_cache()  # parameters prefetched for a next forward are "in flight": settle them
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return nullcontext()
 
@@ -95,7 +96,7 @@ def register_state_hooks(accelerator, model) -> None:
             path = Path(input_dir) / STATE_MODEL_FILE.format(suffix=f"_{index}" if index else "")
             state_dict = load_file(str(path), device=str(next(wrapped.parameters()).device))
             result = wrapped.load_state_dict(state_dict, strict=False)
-            not_restored = sorted(set(result.missing_keys) - frozen_names(wrapped))
+            not_restored = sorted(set(result.missing_keys) & trainable_names(wrapped))
             if result.unexpected_keys or not_restored:
                 raise RuntimeError(f"{path}: the adapter state does not match this model (unexpected "
                                    f"{result.unexpected_keys[:5]}, trained but missing {not_restored[:5]})")
