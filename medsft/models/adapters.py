@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.pytorch_utils import Conv1D
@@ -184,9 +185,9 @@ def apply_peft(model: PreTrainedModel, peft_cfg: Any, gradient_checkpointing: bo
     # there rather than peft's fp32 upcast (which only a 4-bit base needs).
     upcast = not is_deepspeed_zero3_enabled() or getattr(model, "is_loaded_in_4bit", False)
     peft_model = get_peft_model(model, lora_config(peft_cfg), autocast_adapter_dtype=upcast)
-    adapted = len(peft_model.peft_config["default"].target_modules or ())
+    adapted = sum(1 for module in peft_model.modules() if isinstance(module, LoraLayer))
     targets = ALL_LINEAR if peft_cfg.target_modules == ALL_LINEAR else ",".join(peft_cfg.target_modules)
-    log.info("%s", describe(peft_model, f"{_method(peft_cfg)} r={peft_cfg.r} alpha={peft_cfg.alpha} on {adapted} "
+    log.info("%s", describe(peft_model, f"{_method(peft_cfg)} r={peft_cfg.r} alpha={peft_cfg.alpha:g} on {adapted} "
                                         f"layers ({targets})"))
     return peft_model
 
