@@ -195,8 +195,23 @@ def test_the_adapter_checkpoint_loads_everywhere_model_path_is_read(lora_run, ti
     node = tiny_model_cfg.copy()
     node.path = str(latest)
     merged = load_model(node)
-    assert not isinstance(merged, PeftModel)
+    assert not isinstance(merged, PeftModel) and all(p.requires_grad for p in merged.parameters())  # trainable
     torch.testing.assert_close(_logits(merged, ids), reference, rtol=0, atol=MERGE_TOLERANCE)
+
+
+def test_medsft_eval_and_the_vllm_refusal_on_an_adapter_checkpoint(lora_run, tmp_path, tiny_model_dir):
+    from medsft.eval.config import compose_eval_config
+    from medsft.eval.runner import run_evaluation
+
+    questions = ROOT / "tests" / "fixtures" / "eval" / "mini_mcq.json"
+    common = ["model=tiny_random", f"model.path={lora_run['ckpt']}", _cache(tiny_model_dir), "eval=custom",
+              f"eval.path={questions}", "eval.limit=3", "eval.max_new_tokens=4", "eval.progress=false"]
+    out = run_evaluation(compose_eval_config(common), tmp_path / "out")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["overall"]["n"] == 3 and summary["model"]["path"] == str(lora_run["ckpt"])
+    with pytest.raises(ConfigError) as err:
+        run_evaluation(compose_eval_config([*common, "eval.backend=vllm"]), tmp_path / "vllm")
+    assert "is an adapter checkpoint; merge it first" in str(err.value)
 
 
 def test_medsft_merge_writes_a_plain_model_equal_to_base_plus_adapter(lora_run, tiny_model_dir, tmp_path):
@@ -418,3 +433,36 @@ def test_the_peft_benchmark_smoke_run(tmp_path):
     assert full["steps"] == lora["steps"] == 2 and lora["loss_first"] == pytest.approx(full["loss_first"])
     assert 0 < lora["checkpoint_mb"] < full["checkpoint_mb"] and lora["peak_rss_mb"] > 0
     assert "| lora_r16 |" in done.stdout and "checkpoint_mb / full =" in done.stdout
+
+
+# ------------------------------------------------------------------------------------------ RL
+
+
+@pytest.mark.slow
+def test_rl_starts_from_an_adapter_checkpoint_and_trains_a_policy_adapter(lora_run, tmp_path, tiny_model_dir):
+    pytest.importorskip("trl")
+    from medsft.run import run
+
+    def rl(name: str, *extra: str):
+        reset_accelerate()
+        cfg = compose_cfg(["stage=rl", "rl=grpo", "model=tiny_random", _cache(tiny_model_dir),
+                           f"output_dir={tmp_path / 'ckpts'}", f"log_dir={tmp_path / 'logs'}", "logging=none",
+                           f"experiment_name={name}", "logging.progress_bar=false", "rl.max_completion_length=8",
+                           "rl.max_steps=1", "rl.num_generations=2", "rl.per_device_batch_size=2",
+                           "rl.gradient_accumulation_steps=1", "rl.data.eval_ratio=0", *extra])
+        try:
+            run(cfg, tmp_path / name)
+        finally:
+            reset_accelerate()
+        return tmp_path / "ckpts" / name / "rl_grpo" / "final"
+
+    # stage 2 from the SFT adapter checkpoint: base + adapter merged, the whole policy trains
+    final = rl("from_adapter", f"model.path={lora_run['ckpt']}")
+    assert (final / "model.safetensors").is_file() and not (final / "adapter_config.json").exists()
+    # LoRA on the policy: TRL saves the policy's adapter, on the base it was trained on
+    final = rl("policy_lora", "peft=lora")
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_model_dir and (final / "adapter_model.safetensors").is_file()
+    with pytest.raises(ConfigError) as err:
+        rl("both", f"model.path={lora_run['ckpt']}", "peft=lora")
+    assert "merge it first" in str(err.value)

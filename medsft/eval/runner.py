@@ -145,6 +145,10 @@ def run_evaluation(cfg: DictConfig, out_dir: Optional[str | Path] = None) -> Pat
     device = _device(e.device)
     t0 = time.perf_counter()
     if e.backend == "vllm":
+        if is_adapter_dir(resolve_model_dir(cfg.model.path, cfg.model.cache_dir, cfg.model.tiny)):
+            raise ConfigError(f"eval.backend=vllm: model.path={cfg.model.path} is an adapter checkpoint; merge it "
+                              "first (`medsft merge <checkpoint> --out DIR`, then model.path=DIR) or use "
+                              "eval.backend=transformers, which loads base + adapter")
         if not vllm_available():
             raise ConfigError(
                 "eval.backend=vllm needs the vllm package (`pip install vllm`, CUDA GPU), which is not installed; "
@@ -154,10 +158,6 @@ def run_evaluation(cfg: DictConfig, out_dir: Optional[str | Path] = None) -> Pat
         tokenizer = load_tokenizer(cfg.model)
         ensure_chat_template(tokenizer)
         model_dir = resolve_model_dir(cfg.model.path, cfg.model.cache_dir, cfg.model.tiny)
-        if is_adapter_dir(model_dir):
-            raise ConfigError(f"eval.backend=vllm: model.path={cfg.model.path} is an adapter checkpoint; merge it "
-                              "first (`medsft merge <checkpoint> --out DIR`, then model.path=DIR) or use "
-                              "eval.backend=transformers, which loads base + adapter")
     else:
         model, tokenizer = load_for_eval(cfg.model, device)
     load_seconds = time.perf_counter() - t0

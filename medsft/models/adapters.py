@@ -74,6 +74,7 @@ def merge_adapter(model: PeftModel) -> PreTrainedModel:
     """The adapter merged into the base weights (peft's `merge_and_unload`): a plain transformers model."""
     merged = model.merge_and_unload()
     merged.config.use_cache = True
+    merged.requires_grad_(True)  # peft froze the base; a loaded model trains in full unless an adapter says not
     return merged
 
 
