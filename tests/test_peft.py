@@ -291,6 +291,13 @@ def test_qlora_on_cpu_fails_at_start_up_before_any_model_is_loaded(tmp_path):
     assert not cache.exists() and not (tmp_path / "ckpts").exists()
 
 
+def test_an_adapter_on_top_of_an_adapter_checkpoint_is_refused(lora_run, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        train_in_process(tmp_path, "peft=lora", f"model.path={lora_run['ckpt']}")
+    assert "is an adapter checkpoint and peft=lora would train another adapter" in str(err.value)
+    assert "medsft merge" in str(err.value) and not (tmp_path / "ckpts").exists()
+
+
 def test_a_bad_target_module_name_fails_naming_it_and_the_linear_layers(tmp_path):
     with pytest.raises(ConfigError) as err:
         train_in_process(tmp_path, "peft=lora", "peft.target_modules=[q_proj,qkv_proj]")
@@ -316,6 +323,7 @@ def test_peft_keys_are_typed_and_checked(compose_config):
         (["peft=lora", "peft.target_modules=[]"], "peft.target_modules=[] must be all-linear"),
         (["checkpoint.merge_adapter=true"], "checkpoint.merge_adapter=true needs an adapter run"),
         (["peft=qlora", "deepspeed=zero3"], "is not supported"),
+        (["peft=lora", "checkpoint.merge_adapter=true", "stage=rl"], "checkpoint.merge_adapter=true is for stage=sft"),
     ]:
         with pytest.raises(ConfigError) as err:
             validate(compose_config(*overrides))

@@ -98,6 +98,9 @@ def peft_problems(cfg: DictConfig) -> list[str]:
         ("bnb_4bit_compute_dtype", ("bfloat16", "float16", "float32"))) if p[key] not in allowed]
     if cfg.checkpoint.merge_adapter and not p.enabled:
         problems.append("checkpoint.merge_adapter=true needs an adapter run (peft=lora | dora | qlora)")
+    if cfg.checkpoint.merge_adapter and cfg.stage == "rl":
+        problems.append("checkpoint.merge_adapter=true is for stage=sft; merge an RL adapter with `medsft merge "
+                        "<checkpoint> --out DIR`")
     if not p.enabled:
         if p.load_in_4bit:
             problems.append("peft.load_in_4bit=true quantises a frozen base, which needs an adapter: use peft=qlora")

@@ -222,9 +222,13 @@ def load_model(model_cfg: Any, dtype: torch.dtype | None = None, peft_cfg: Any =
     quantization = quantization_config(peft_cfg)
     adapter_dir = resolved if is_adapter_dir(resolved) else None
     if adapter_dir is not None:
-        if quantization is not None:
-            raise ConfigError(f"model.path={model_cfg.path} is an adapter checkpoint and peft.load_in_4bit=true: "
-                              "merge it first (`medsft merge <checkpoint> --out DIR`), then train on DIR")
+        if peft_cfg is not None and peft_cfg.enabled:
+            # A new adapter would record the raw base as its base, silently dropping this one.
+            raise ConfigError(
+                f"model.path={model_cfg.path} is an adapter checkpoint and peft={peft_cfg.name} would train another "
+                "adapter on top: merge it first (`medsft merge <checkpoint> --out DIR`) and train on "
+                "model.path=DIR, or train the whole model (peft=none), which loads base + adapter merged"
+            )
         resolved = adapter_base_dir(model_cfg, adapter_dir)
     kwargs = _from_pretrained_kwargs(model_cfg, resolved)
     if quantization is not None:

@@ -26,14 +26,6 @@ def load_policy_tokenizer(cfg: DictConfig):
 
 def load_policy(cfg: DictConfig, tokenizer, system_prompt: Optional[str]):
     """The policy of model.path, stopping where SFT taught it to stop (the template's end-of-turn token + eos)."""
-    path = resolve_model_dir(cfg.model.path, cfg.model.cache_dir, cfg.model.tiny)
-    if cfg.peft.enabled and is_adapter_dir(path):
-        # The policy's adapter would record the raw base as its base, silently dropping the SFT adapter.
-        raise ConfigError(
-            f"stage=rl peft={cfg.peft.name} with model.path={cfg.model.path}, an adapter checkpoint: merge it first "
-            "(`medsft merge <checkpoint> --out DIR`) and start RL from model.path=DIR, or train the whole policy "
-            "(peft=none), which loads base + adapter merged"
-        )
     # "auto": fp32 master weights, as SFT; an adapter checkpoint loads merged into its base; peft.load_in_4bit:
     # a 4-bit base (QLoRA)
     model = load_model(cfg.model, dtype=torch_dtype(cfg.model.dtype), peft_cfg=cfg.peft)
