@@ -29,7 +29,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def cli_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="medsft merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="an adapter checkpoint folder (adapter_config.json + adapter weights)")
-    parser.add_argument("--out", required=True, help="the new folder for the merged model (must not exist, or be empty)")
+    parser.add_argument("--out", required=True, help="new folder for the merged model (absent or empty)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="dtype of the merged weights (default: %(default)s = the base model's stored dtype)")
     args = parser.parse_args(argv)

@@ -93,7 +93,8 @@ def _matches(qualified: str, name: str) -> bool:
 def linear_layer_names(model: torch.nn.Module) -> list[str]:
     """Leaf names of the model's linear layers (what `peft.target_modules` may name), the LM head last."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = sorted({_leaf_name(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head})
+    names = sorted({_leaf_name(n) for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and m is not head})
     head_names = sorted({_leaf_name(n) for n, m in model.named_modules() if m is head and n})
     return names + [f"{name} (the LM head)" for name in head_names]
 

@@ -140,7 +140,8 @@ def adapter_base_dir(model_cfg: Any, adapter_dir: str) -> str:
 
 
 def _has_tokenizer(folder: str) -> bool:
-    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    return any((Path(folder) / name).is_file() for name in names)
 
 
 def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
