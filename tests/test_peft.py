@@ -375,7 +375,7 @@ def test_sigkill_then_resume_is_bitwise_exact_for_lora(tmp_path):
 
 # No LoRA dropout here: its masks depend on the micro-batch shapes, which differ between 1 and 2 processes.
 TWO = ("train.gradient_accumulation_steps=2", "train.n_epochs=1", "checkpoint.save_at_epoch_end=false",
-       "peft.modules_to_save=[lm_head]", "peft.dropout=0")
+       "peft.modules_to_save=[lm_head]", "peft.dropout=0", "checkpoint.every_n_steps=2", "checkpoint.max_ckpts=1")
 
 
 @pytest.fixture(scope="module")
@@ -385,13 +385,15 @@ def one_process(tmp_path_factory, tiny_model_dir):
     return _records(run_dir)
 
 
-def _two_processes(tmp: Path, tiny_model_dir: str, *extra: str) -> dict:
+def _two_processes(tmp: Path, tiny_model_dir: str, *extra: str, run: str = "run", faults: str = "") -> dict:
+    env = {**os.environ, "MEDSFT_DEBUG_DUMP": str(tmp / "dump"), **({FAULTS: faults} if faults else {})}
     result = launch(*tiny_overrides(tmp, *LORA, *TWO), "launcher=cpu_2proc", "train.train_bsz_per_gpu=2",
-                    _cache(tiny_model_dir), *extra,
-                    f"hydra.run.dir={tmp / 'run'}", env={**os.environ, "MEDSFT_DEBUG_DUMP": str(tmp / "dump")},
-                    timeout=600)
+                    _cache(tiny_model_dir), *extra, f"hydra.run.dir={tmp / run}", env=env, timeout=600)
+    if faults:
+        assert result.returncode != 0
+        return {"train": _records(tmp / run)}
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    return {"train": _records(tmp / "run"), "ckpt": _latest(tmp), "dump": tmp / "dump",
+    return {"train": _records(tmp / run), "ckpt": _latest(tmp), "dump": tmp / "dump",
             "out": result.stdout + result.stderr}
 
 
@@ -425,6 +427,17 @@ def test_lora_zero3_two_processes_saves_the_gathered_adapter_that_reloads(tmp_pa
     shards = list((two["ckpt"] / ckpt.TRAINING_STATE_DIR).rglob("*model_states.pt"))
     assert shards  # DeepSpeed's own shards, the frozen base left out
     assert sum(p.stat().st_size for p in shards) < (Path(tiny_model_dir) / "model.safetensors").stat().st_size
+
+    # SIGKILL inside step 5, resume from checkpoint 4 (DeepSpeed state without the frozen base): same losses.
+    tmp = tmp_path / "killed"
+    killed = _two_processes(tmp, tiny_model_dir, "deepspeed=zero3", run="a", faults="kill_mid_step=5")
+    assert [p.name for p in ckpt.list_complete_checkpoints(tmp / "ckpts" / "tiny")] == ["checkpoint-0-4"]
+    resumed = _two_processes(tmp, tiny_model_dir, "deepspeed=zero3", run="b")
+    expected = {r["step"]: r["loss"] for r in two["train"]}
+    got = {r["step"]: r["loss"] for r in killed["train"] + resumed["train"]}
+    assert min(r["step"] for r in resumed["train"]) == 5 and sorted(got) == sorted(expected)
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], rel=1e-6), step
 
 
 @pytest.mark.slow
