@@ -214,7 +214,7 @@ def test_medsft_eval_and_the_vllm_refusal_on_an_adapter_checkpoint(lora_run, tmp
     assert "is an adapter checkpoint; merge it first" in str(err.value)
 
 
-def test_medsft_merge_writes_a_plain_model_equal_to_base_plus_adapter(lora_run, tiny_model_dir, tmp_path):
+def test_medsft_merge_writes_a_plain_model_equal_to_base_plus_adapter(lora_run, tiny_model_dir, tmp_path, capsys):
     latest = lora_run["ckpt"]
     out = tmp_path / "merged"
     done = subprocess.run([sys.executable, "-m", "medsft.cli", "merge", str(latest), "--out", str(out)],
@@ -230,12 +230,12 @@ def test_medsft_merge_writes_a_plain_model_equal_to_base_plus_adapter(lora_run, 
     assert float((merged - reference).abs().max()) <= MERGE_TOLERANCE
     assert not torch.equal(reference, _logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ids))
 
-    again = subprocess.run([sys.executable, "-m", "medsft.cli", "merge", str(latest), "--out", str(out)],
-                           capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert again.returncode == 2 and "exists and is not an empty folder" in again.stderr
-    plain = subprocess.run([sys.executable, "-m", "medsft.cli", "merge", str(out), "--out", str(tmp_path / "x")],
-                           capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert plain.returncode == 4 and "not an adapter checkpoint" in plain.stderr
+    from medsft.cli import main as medsft_main  # the same entry point, in process: the errors and exit codes
+
+    assert medsft_main(["merge", str(latest), "--out", str(out)]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert medsft_main(["merge", str(out), "--out", str(tmp_path / "x")]) == 4
+    assert "not an adapter checkpoint" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_merge_adapter_writes_the_final_merged_model(lora_run):
