@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from medsft.config import validate
 from medsft.config.presets import experiment_notice
 from medsft.errors import ConfigError, MedsftError, output_error_from_os_error
-from medsft.models import check_model_source
+from medsft.models import check_model_source, require_4bit_support
 from medsft.runtime.cluster import LAUNCH_DIR_ENV
 from medsft.runtime.relaunch import maybe_relaunch, record_exit
 from medsft.runtime.workspace import claim_outputs
@@ -56,6 +56,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> Optional[float]:
 def _run(cfg: DictConfig, run_dir: Optional[Path]) -> Optional[float]:
     _check_required(cfg)
     validate(cfg)
+    require_4bit_support(cfg.peft, cpu=bool(cfg.launcher.cpu))  # QLoRA: CUDA + bitsandbytes, before any model loads
     check_model_source(cfg.model)  # a local model folder that lacks files fails now, not after the data
     run_dir = Path(run_dir) if run_dir is not None else _run_dir()
     with claim_outputs(cfg, run_dir):  # writable output locations; one run per experiment folder (locked)

@@ -167,6 +167,11 @@ def _num(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
 
 
+def final_is_merged(cfg) -> bool:
+    """checkpoint.merge_adapter=true: what is pushed is the merged plain model, not the adapter."""
+    return bool(cfg.peft.enabled and cfg.checkpoint.merge_adapter)
+
+
 def model_card(cfg, records: list[dict], run: dict, command: str, checkpoint: Optional[str] = None,
                final: bool = False) -> str:
     """The README.md pushed with the weights: base model, data, the command, the metrics so far (final ones at
@@ -174,8 +179,10 @@ def model_card(cfg, records: list[dict], run: dict, command: str, checkpoint: Op
     of the loop (train_examples, val_examples, total_steps, step)."""
     base = str(cfg.model.path)
     language = "en" if str(cfg.data.name).endswith("_en") else "es"
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"language:\n- {language}",
-             "tags:\n- medsft\n- medical\n- chain-of-thought\n- sft"]
+    adapter = bool(cfg.peft.enabled) and not final_is_merged(cfg)  # a LoRA upload: the Hub loads it as an adapter
+    front = ["---", f"library_name: {'peft' if adapter else 'transformers'}", "pipeline_tag: text-generation",
+             f"language:\n- {language}",
+             "tags:\n- medsft\n- medical\n- chain-of-thought\n- sft" + (f"\n- {cfg.peft.name}" if adapter else "")]
     if _looks_like_hub_id(base):
         front.insert(1, f"base_model: {base}")
     front.append("---")
@@ -187,7 +194,9 @@ def model_card(cfg, records: list[dict], run: dict, command: str, checkpoint: Op
         *front, "",
         f"# {cfg.hf_repo_id or cfg.experiment_name}", "",
         f"`{base}` fine-tuned with medsft {__version__} (stage 1: supervised fine-tuning on medical "
-        "chain-of-thought, the HuatuoGPT-o1 recipe).", "",
+        "chain-of-thought, the HuatuoGPT-o1 recipe)"
+        + (f"; a {cfg.peft.name} adapter (rank {cfg.peft.r}, alpha {cfg.peft.alpha:g}) on that base model, which "
+           "transformers loads with peft installed." if adapter else "."), "",
         f"This upload: {'`' + checkpoint + '`, ' if checkpoint else ''}step {step} of {total} ({state}).", "",
         "## Data", "",
         f"- file: `{d.path}` (preset `data={d.name}`); record fields: question `{d.fields.question}`, reasoning "

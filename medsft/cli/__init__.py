@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "train": ("medsft.cli.train", "train (same as `python launch.py ...`, Hydra overrides)"),
     "data": ("medsft.cli.data", "check / stats / sample / show a data file"),
     "eval": ("medsft.cli.eval", "evaluate a model on medical benchmarks (Hydra overrides)"),
+    "merge": ("medsft.cli.merge", "merge an adapter checkpoint (LoRA/DoRA/QLoRA) into its base: a plain HF model"),
     "prepare-model": ("medsft.cli.prepare_model", "prepare a model (e.g. the embedded SmolLM2) into the local cache"),
     "sweep-report": ("medsft.cli.sweep_report", "table (md + csv) and PNG plots of a multirun folder"),
     "launch-config": ("medsft.cli.launch_config",

@@ -234,6 +234,8 @@ def _chunked_loss_unsupported(model: torch.nn.Module, zero3: bool) -> Optional[s
         return "DeepSpeed ZeRO-3 partitions the LM head outside its forward"
     if _decoder(base) is None or getattr(base, "lm_head", None) is None:
         return f"{type(base).__name__} has no decoder/lm_head pair"
+    if hasattr(base.lm_head, "base_layer"):  # a peft tuner layer: its weight alone misses the adapter's update
+        return "the LM head carries an adapter (peft.target_modules names it)"
     for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(config, name, None) not in (None, 1, 1.0):
             return f"the model scales its logits ({name})"

@@ -107,6 +107,7 @@ class CheckpointConfig:
     eval_benchmark: Optional[str] = MISSING
     eval_limit: int = MISSING
     eval_max_new_tokens: int = MISSING
+    merge_adapter: bool = MISSING
 
 
 @dataclass
@@ -180,6 +181,26 @@ class GenerationCheckConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning (`peft=none|lora|dora|qlora`, conf/peft/); medsft.models.adapters."""
+
+    name: str = MISSING
+    enabled: bool = MISSING
+    r: int = MISSING
+    alpha: float = MISSING
+    dropout: float = MISSING
+    target_modules: Any = MISSING  # "all-linear" or a list of module names (checked by validation.py)
+    modules_to_save: list[str] = MISSING
+    use_rslora: bool = MISSING
+    use_dora: bool = MISSING
+    bias: str = MISSING
+    load_in_4bit: bool = MISSING
+    bnb_4bit_quant_type: str = MISSING
+    bnb_4bit_use_double_quant: bool = MISSING
+    bnb_4bit_compute_dtype: str = MISSING
+
+
+@dataclass
 class SweepConfig:
     """Multirun (`--multirun`) behaviour; see medsft/sweep."""
 
@@ -210,6 +231,7 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     generation_check: GenerationCheckConfig = field(default_factory=GenerationCheckConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     # Stage 2 (stage=rl): typed by medsft.config.rl.RLConfig when an `rl=` preset is selected; null otherwise.
     rl: Any = None
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -218,5 +240,6 @@ class Config:
 # Field annotations are strings (from __future__ import annotations): the nested schema classes by name.
 SCHEMA_TYPES = {cls.__name__: cls for cls in (
     TinyModelShape, ModelConfig, FieldMap, DataConfig, OptimizerConfig, TrainConfig, CheckpointConfig,
-    ResumeConfig, DeepSpeedConfig, FSDPConfig, LauncherConfig, LoggingConfig, GenerationCheckConfig, SweepConfig,
+    ResumeConfig, DeepSpeedConfig, FSDPConfig, LauncherConfig, LoggingConfig, GenerationCheckConfig, PeftConfig,
+    SweepConfig,
 )}

@@ -93,6 +93,7 @@ def validate(cfg: DictConfig) -> None:
                         "(1.0 = none)")
     if cfg.data.packing and cfg.data.group_by_length:
         problems.append("data.packing and data.group_by_length are alternatives: enable one")
+    problems += peft_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -114,6 +115,43 @@ def _fsdp_problems(cfg: DictConfig) -> list[str]:
     if cfg.stage == "rl":
         problems.append(f"fsdp={fsdp.name} applies to the SFT stage; stage=rl runs TRL's trainer without it "
                         "(use fsdp=none)")
+    return problems
+
+
+def peft_problems(cfg: DictConfig) -> list[str]:
+    """The `peft` group's checks (CUDA for QLoRA is checked at run start: medsft.models.load)."""
+    p = cfg.peft
+    problems = [f"peft.{key}={p[key]!r} is not one of {list(allowed)}" for key, allowed in (
+        ("bias", ("none", "all", "lora_only")), ("bnb_4bit_quant_type", ("nf4", "fp4")),
+        ("bnb_4bit_compute_dtype", ("bfloat16", "float16", "float32"))) if p[key] not in allowed]
+    if cfg.checkpoint.merge_adapter and not p.enabled:
+        problems.append("checkpoint.merge_adapter=true needs an adapter run (peft=lora | dora | qlora)")
+    if cfg.checkpoint.merge_adapter and cfg.stage == "rl":
+        problems.append("checkpoint.merge_adapter=true is for stage=sft; merge an RL adapter with `medsft merge "
+                        "<checkpoint> --out DIR`")
+    if not p.enabled:
+        if p.load_in_4bit:
+            problems.append("peft.load_in_4bit=true quantises a frozen base, which needs an adapter: use peft=qlora")
+        return problems
+    if p.r < 1:
+        problems.append(f"peft.r={p.r} must be >= 1")
+    if p.alpha <= 0:
+        problems.append(f"peft.alpha={p.alpha} must be > 0")
+    if not 0.0 <= p.dropout < 1.0:
+        problems.append(f"peft.dropout={p.dropout} must be in [0, 1)")
+    targets = p.target_modules
+    if targets != "all-linear" and (not OmegaConf.is_list(targets) or not len(targets)
+                                    or not all(isinstance(t, str) and t for t in targets)):
+        problems.append(f"peft.target_modules={targets!r} must be all-linear or a non-empty list of module names "
+                        "(e.g. [q_proj,v_proj])")
+    if not all(isinstance(m, str) and m for m in p.modules_to_save):
+        problems.append(f"peft.modules_to_save={list(p.modules_to_save)!r} must be a list of module names")
+    if p.load_in_4bit and cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
+        problems.append(f"peft={p.name} (4-bit base) with deepspeed={cfg.deepspeed.name} (ZeRO-3) is not supported: "
+                        "the 4-bit base fits on each GPU, so use DDP (deepspeed=none) or ZeRO-2")
+    if p.enabled and cfg.fsdp.enabled:
+        problems.append(f"peft={p.name} with fsdp={cfg.fsdp.name} is not supported yet (adapters are tested with one "
+                        "process, DDP and DeepSpeed ZeRO-2/3): use deepspeed=zero3 or fsdp=none")
     return problems
 
 
@@ -190,6 +228,9 @@ def validate_rl(cfg: DictConfig) -> None:
             f"rl.per_device_batch_size x processes x rl.gradient_accumulation_steps = {batch} completions per "
             f"step must be a multiple of rl.num_generations={rl.num_generations} (whole prompt groups)"
         )
+    if rl.algorithm == "ppo" and cfg.peft.enabled:
+        problems.append(f"rl=ppo with peft={cfg.peft.name}: an adapter on the PPO policy is not supported; use "
+                        "rl=grpo, or peft=none (an adapter checkpoint as model.path is fine: it loads merged)")
     if rl.algorithm == "ppo":
         if not 0.0 <= rl.ppo.lam <= 1.0 or not 0.0 <= rl.ppo.gamma <= 1.0:
             problems.append("rl.ppo.gamma and rl.ppo.lam must be in [0, 1]")

@@ -23,7 +23,7 @@ from medsft.eval.compat import COMPAT_LABEL
 from medsft.eval.generate import GenerationResult, generate_batch, generate_vllm, vllm_available
 from medsft.eval.report import accuracy_ci95, append_predictions, render_markdown, write_summary
 from medsft.eval.scorer import score_items
-from medsft.models import load_model_and_tokenizer, load_tokenizer, resolve_model_dir, torch_dtype
+from medsft.models import is_adapter_dir, load_model_and_tokenizer, load_tokenizer, resolve_model_dir, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,10 @@ def run_evaluation(cfg: DictConfig, out_dir: Optional[str | Path] = None) -> Pat
     device = eval_device(e.device)
     t0 = time.perf_counter()
     if e.backend == "vllm":
+        if is_adapter_dir(resolve_model_dir(cfg.model.path, cfg.model.cache_dir, cfg.model.tiny)):
+            raise ConfigError(f"eval.backend=vllm: model.path={cfg.model.path} is an adapter checkpoint; merge it "
+                              "first (`medsft merge <checkpoint> --out DIR`, then model.path=DIR) or use "
+                              "eval.backend=transformers, which loads base + adapter")
         if not vllm_available():
             raise ConfigError(
                 "eval.backend=vllm needs the vllm package (`pip install vllm`, CUDA GPU), which is not installed; "

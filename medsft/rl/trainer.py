@@ -31,7 +31,7 @@ from medsft.errors import DataError
 from medsft.plots import plot_rl_curves
 from medsft.rl.args import build_grpo_args
 from medsft.rl.data import filter_long_prompts, load_rl_data, to_dataset
-from medsft.rl.policy import load_policy, load_policy_tokenizer, load_value_model
+from medsft.rl.policy import load_policy, load_policy_tokenizer, load_value_model, policy_peft_config
 from medsft.rl.ppo import make_ppo_trainer_class
 from medsft.rl.resume import find_rl_checkpoint, rl_output_dir
 from medsft.rl.rewards import build_reward_functions
@@ -68,6 +68,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[list
     tokenizer = load_policy_tokenizer(cfg)
     train_ds, eval_ds = _prepare_questions(cfg, data, tokenizer, system_prompt)
     model = load_policy(cfg, tokenizer, system_prompt)
+    peft_config = policy_peft_config(cfg, model)  # peft.enabled: TRL trains a LoRA/DoRA adapter on the policy
     out_dir = rl_output_dir(cfg)
     args = build_grpo_args(cfg, out_dir, has_eval=eval_ds is not None)
     rewards = build_reward_functions(rl, device=args.device, trust_remote_code=bool(cfg.model.trust_remote_code))
@@ -83,6 +84,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: Optional[list
         run_dir=run_dir,
         samples_every_n_steps=int(rl.samples_every_n_steps),
         samples_per_write=int(rl.samples_per_write),
+        peft_config=peft_config,
     )
     if rl.algorithm == "ppo":
         value_model = load_value_model(cfg, model.dtype)

@@ -31,6 +31,7 @@ def _zero3_gather(module, engine):
     if engine is not None and engine.zero_optimization_stage() == 3:
         import deepspeed  # the optional extra, present whenever a DeepSpeed engine exists
 
+        engine.empty_partition_cache()  # parameters prefetched by the last forward are "in flight": settle them
         return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
     return nullcontext()
 

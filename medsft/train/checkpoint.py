@@ -10,6 +10,7 @@ Layout of `{root}/checkpoint-{epoch}-{step}/`:
     medsft_config.yaml     the resolved config of the run (no secrets)
     MANIFEST.json          every file's size and checksum, verified before the checkpoint is used (integrity.py)
     COMPLETE               written last; a folder without it is never resumed from or counted as kept
+An adapter run (peft.enabled) writes the adapter in peft's format instead of the model (medsft.train.adapter_checkpoint).
 
 Crash safety (a process may be SIGKILLed at any instruction):
 - Everything is written into `.tmp-checkpoint-*` first and fsynced; the COMPLETE marker is written and fsynced
@@ -36,6 +37,7 @@ from omegaconf import OmegaConf
 from medsft.errors import OutputError
 from medsft.runtime.accelerator import full_state_dict
 from medsft.testing import faults  # TEST-ONLY hooks, inert unless $MEDSFT_TEST_FAULTS is set
+from medsft.train import adapter_checkpoint as adapters
 from medsft.train import integrity
 
 log = logging.getLogger("medsft.checkpoint")
@@ -133,8 +135,10 @@ def save_checkpoint(
     tmp = root / f"{TMP_PREFIX}{checkpoint_name(epoch, step)}"
     latest = latest_complete_checkpoint(root)
 
-    # The full (ZeRO-3, FSDP2: gathered) state dict; a collective, so all processes take part.
-    state_dict = full_state_dict(accelerator, model)
+    # The weights this checkpoint holds: the full (ZeRO-3, FSDP2: gathered) state dict, or an adapter run's trained
+    # parameters (gathered under ZeRO-3; medsft.train.adapter_checkpoint). A collective: all processes take part.
+    adapter_run = adapters.is_adapter_run(accelerator, model)
+    state_dict = adapters.trained_state_dict(accelerator, model) if adapter_run else full_state_dict(accelerator, model)
     integrity.refuse_non_finite(accelerator, state_dict, step, root, latest, cfg.optimizer.learning_rate)
     need = integrity.estimate_bytes(accelerator, state_dict, optimizer_of(accelerator), latest)
     integrity.ensure_free_space(accelerator, root, need, latest)
@@ -147,16 +151,18 @@ def save_checkpoint(
 
     failure: Optional[BaseException] = None
     try:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(
-            tmp,
-            is_main_process=accelerator.is_main_process,
-            save_function=accelerator.save,
-            state_dict=state_dict,
-            safe_serialization=True,
-        )
+        if adapter_run:  # peft: the adapter only, in peft's format with its model card
+            adapters.save_adapter(accelerator, model, tmp, state_dict)
+        else:
+            accelerator.unwrap_model(model).save_pretrained(
+                tmp,
+                is_main_process=accelerator.is_main_process,
+                save_function=accelerator.save,
+                state_dict=state_dict,
+                safe_serialization=True,
+            )
         del state_dict
-        accelerator.save_state(str(tmp / TRAINING_STATE_DIR))
+        accelerator.save_state(str(tmp / TRAINING_STATE_DIR), **adapters.save_state_kwargs(accelerator, model))
         if accelerator.is_main_process:
             tokenizer.save_pretrained(tmp)
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2), encoding="utf-8")

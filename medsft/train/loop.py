@@ -31,7 +31,7 @@ from medsft.data.dataset import SFTData, build_sft_data
 from medsft.data.order import DataOrder, StepPlan
 from medsft.data.render import ensure_chat_template
 from medsft.errors import DataError, TrainingDiverged
-from medsft.models import load_model, load_tokenizer, torch_dtype
+from medsft.models import apply_peft, load_model, load_tokenizer, torch_dtype
 from medsft.outputs import MetricsFile
 from medsft.plots import plot_curves
 from medsft.runtime.accelerator import (build_accelerator, loss_scale_for, micro_batch_sync,
@@ -42,6 +42,8 @@ from medsft.testing import faults  # TEST-ONLY fault injection hooks, inert unle
 from medsft.testing.debug_dump import write_debug_dump  # TEST-ONLY, a no-op unless $MEDSFT_DEBUG_DUMP is set
 from medsft.tracking import HubPusher, Tracker, command_line, model_card
 from medsft.train import checkpoint as ckpt
+from medsft.train.adapter_checkpoint import merge_final, pushes_merged_only
+from medsft.train.adapter_checkpoint import register_state_hooks as register_adapter_state_hooks
 from medsft.train.checkpoint_eval import evaluate_checkpoint, prepare_checkpoint_eval
 from medsft.train.generation_check import run_generation_check
 from medsft.train.metrics import MetricWindow
@@ -108,16 +110,19 @@ def setup(cfg: DictConfig, run_dir: Path) -> RunContext:
                       cfg.train.n_epochs, cfg.train.max_steps)
 
     dtype = torch_dtype(cfg.model.dtype)  # "auto": fp32 master weights; mixed precision does the rest
-    model = load_model(cfg.model, dtype=dtype, tokenizer=tokenizer)  # embeddings grow for added tokens
+    # embeddings grow for the tokens the template added; peft.load_in_4bit: a 4-bit base (QLoRA)
+    model = load_model(cfg.model, dtype=dtype, tokenizer=tokenizer, peft_cfg=cfg.peft)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing)  # peft.enabled: only the adapter trains
     kernels = setup_kernels(model, cfg.model, accelerator.device, packing=order.mode == "packed",
                             grouped=order.mode == "grouped",
                             zero3=bool(cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3))
     model_flops = ModelFlops.of(model)
     optimizer = build_optimizer(model, cfg.optimizer)
     model, optimizer = prepare_model_and_optimizer(accelerator, cfg, model, optimizer)  # DDP | ZeRO | FSDP2
+    register_adapter_state_hooks(accelerator, model)  # an adapter run's training state leaves the frozen base out
     # Built on the prepared optimizer: ZeRO rebuilds the param groups it steps (ZeRO-3 drops empty ones).
     scheduler = build_scheduler(optimizer, cfg.optimizer, plan)
     # Checkpointed by save_state (never stepped by accelerate: we step it once per optimizer step).
@@ -292,7 +297,7 @@ def save(ctx: RunContext, epoch: int, window: Optional[MetricWindow] = None) -> 
     if ctx.accelerator.is_main_process:
         ckpt.rotate_checkpoints(ctx.ckpt_root, ctx.cfg.checkpoint.max_ckpts, protect=path)
         log.info("checkpoint saved: %s", path)
-        if ctx.pusher is not None:  # in the background, with the model card as README.md
+        if ctx.pusher is not None and not pushes_merged_only(ctx.cfg):  # in the background, with the model card
             ctx.pusher.submit(path, f"medsft {ctx.cfg.experiment_name} step {state.global_step}",
                               card=_model_card(ctx, checkpoint=path.name))
     ctx.accelerator.wait_for_everyone()
@@ -367,6 +372,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Optional[float]:
         report["val_loss_after"] = _log_validation(ctx) if ctx.data.val else None
         if cfg.checkpoint.save_final and last_saved_step != state.global_step:
             save(ctx, max(0, min(state.epoch, plan.epochs - 1)))
+        merge_final(ctx, ckpt.latest_complete_checkpoint(ctx.ckpt_root))  # checkpoint.merge_adapter=true
         after = _generation_check(ctx, "after")  # after the final save: under ZeRO-3 it reads that folder
         write_debug_dump(ctx)
         summary = _summarize(ctx, report, before, after)

@@ -44,6 +44,7 @@ from medsft.resume_policy import (
 )
 from medsft.train import checkpoint as ckpt
 from medsft.train import integrity
+from medsft.train.adapter_checkpoint import load_state_kwargs as adapter_load_state_kwargs
 from medsft.train.state import TrainState, run_fingerprint
 
 log = logging.getLogger("medsft.resume")
@@ -226,7 +227,7 @@ def maybe_resume(ctx) -> Optional[Resumed]:
             setattr(ctx.state, key, value)
     if ctx.state.global_step >= ctx.plan.total_steps or ctx.state.epoch >= ctx.plan.epochs:
         return Resumed(path=path, complete=True)  # nothing to train: the (large) training state is not loaded
-    accelerator.load_state(str(path / ckpt.TRAINING_STATE_DIR))
+    accelerator.load_state(str(path / ckpt.TRAINING_STATE_DIR), **adapter_load_state_kwargs(accelerator, ctx.model))
     _check_rng_file(path, accelerator.process_index)
     log.info("resumed from %s at step %d of %d (epoch %d, %d steps done in it)", path, ctx.state.global_step,
              ctx.plan.total_steps, ctx.state.epoch, ctx.state.step_in_epoch)
