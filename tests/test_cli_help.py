@@ -59,7 +59,7 @@ def test_launch_help_says_what_a_run_does_with_readme_examples_and_the_groups():
     assert "powered by Hydra" not in text and "== Config ==" not in text
     assert "train_bsz_per_gpu:" not in text  # no 135-line config dump (`--cfg job` prints it)
     groups = dict(re.findall(r"^  (\w[\w/]*)\s{2,}(.+)$", text.split("config groups", 1)[1], re.M))
-    assert groups["experiment"].startswith("demo (default), local_test")
+    assert groups["experiment"].startswith("demo (default), demo_lora, local_test")
     assert groups["model"] == "llama3_1_8b_instruct, llama3_2_1b_instruct, smollm2_135m (default), tiny_random"
     assert "eval" not in groups and not any("base" in options.split(", ") for options in groups.values())
     assert "rl_schema" not in text

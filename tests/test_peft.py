@@ -28,7 +28,7 @@ from medsft.outputs import read_records
 from medsft.testing.faults import ENV as FAULTS
 from medsft.train import checkpoint as ckpt
 from medsft.train.optim import param_groups
-from train_utils import ROOT, compose_cfg, launch, reset_accelerate, tiny_overrides, train_in_process
+from train_utils import ROOT, RecordingHub, compose_cfg, launch, reset_accelerate, tiny_overrides, train_in_process
 
 LORA = ("peft=lora", "optimizer.learning_rate=1e-2")
 MERGE_TOLERANCE = 1e-5  # max abs logit difference, merged model vs base+adapter, float32 (README: the same)
@@ -250,25 +250,16 @@ def test_merge_adapter_writes_the_final_merged_model(lora_run):
 def test_the_pushed_adapter_folder_carries_the_model_card(lora_run):
     from medsft.tracking import HubPusher
 
-    class Api:
-        uploaded: list = []
-
-        def create_repo(self, *args, **kwargs):
-            pass
-
-        def upload_folder(self, folder_path, ignore_patterns, **kwargs):
-            folder = Path(folder_path)
-            self.uploaded += [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
-                              and not any(p.match(pattern) or str(p.relative_to(folder)).startswith(pattern[:-1])
-                                          for pattern in ignore_patterns)]
-
-    api = Api()
-    pusher = HubPusher("me/lora", api=api, retries=1)
+    api = RecordingHub()
+    api.release.set()
+    pusher = HubPusher("me/lora", api=api)
     pusher.submit(lora_run["ckpt"], "step")
     pusher.close(timeout_s=30)
     assert not pusher.errors
-    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(api.uploaded)
-    assert not any(name.startswith("training_state") for name in api.uploaded)
+    _, _, files, card = next(c for c in api.calls if c[0] == "upload_folder")
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert not any(name.startswith("training_state") for name in files)
+    assert "library_name: peft" in card
 
 
 # ------------------------------------------------------------------------------------------ start-up errors

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import os
 import re
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi
-from huggingface_hub.hf_api import future_compatible
 
 from medsft.train import checkpoint as ckpt
 from medsft.compute.kernels import token_loss_sums
 from medsft.outputs import read_records as read_metrics
-from train_utils import ROOT, compose_cfg, launch, reset_accelerate, tiny_overrides, train_in_process
+from train_utils import ROOT, RecordingHub, launch, reset_accelerate, tiny_overrides, train_in_process
 
 
 def _records(run_dir: Path, kind: str) -> list[dict]:
@@ -195,34 +191,6 @@ def test_secrets_never_land_on_disk_and_hub_failures_are_not_fatal(tmp_path):
     assert not leaked
 
 
-class _RecordingHub(HfApi):
-    """The real HfApi (its `run_as_future` queue, its `run_as_future=True` argument) with the network calls
-    replaced: uploads are recorded, each can be held until released, and `fail` makes them raise."""
-
-    def __init__(self, fail: bool = False):
-        super().__init__(token=False)
-        self.fail = fail
-        self.release = threading.Event()
-        self.calls: list[tuple] = []
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs.get("private")))
-
-    @future_compatible
-    def upload_folder(self, *, repo_id, folder_path, commit_message=None, ignore_patterns=None, **kwargs):
-        self.release.wait(timeout=30)
-        if self.fail:
-            raise ConnectionError("hub unreachable")
-        root = Path(folder_path)
-        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
-                       and not any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat) for pat in ignore_patterns))
-        self.calls.append(("upload_folder", root.name, files, (root / "README.md").read_text(encoding="utf-8")))
-
-    @future_compatible
-    def upload_file(self, *, path_or_fileobj, path_in_repo, repo_id, commit_message=None, **kwargs):
-        self.calls.append(("upload_file", path_in_repo, path_or_fileobj.decode("utf-8")))
-
-
 def test_hub_pusher_uploads_in_the_background_with_the_model_card(tmp_path):
     from medsft.tracking import HubPusher
 
@@ -230,7 +198,7 @@ def test_hub_pusher_uploads_in_the_background_with_the_model_card(tmp_path):
     (folder / "training_state").mkdir(parents=True)
     for name in ("model.safetensors", "config.json", "COMPLETE", "training_state/optimizer.bin"):
         (folder / name).write_text("x", encoding="utf-8")
-    api = _RecordingHub()
+    api = RecordingHub()
     pusher = HubPusher("me/model", private=True, api=api)
     pusher.submit(folder, "step 5", card="# card at step 5")
     time.sleep(0.2)
@@ -246,7 +214,7 @@ def test_hub_pusher_uploads_in_the_background_with_the_model_card(tmp_path):
     assert api.calls[2] == ("upload_file", "README.md", "# final card")
     assert pusher.pushed == ["checkpoint-0-5"] and not pusher.errors
 
-    failing = _RecordingHub(fail=True)
+    failing = RecordingHub(fail=True)
     failing.release.set()
     pusher = HubPusher("me/model", api=failing)
     pusher.submit(folder, "step 5")

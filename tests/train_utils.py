@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
 import subprocess
 import sys
+import threading
 from pathlib import Path
+
+from huggingface_hub import HfApi
+from huggingface_hub.hf_api import future_compatible
 
 from medsft.config import compose
 
@@ -66,3 +71,31 @@ def train_in_process(tmp_path: Path, *extra: str, run_dir: Path | None = None):
 def launch(*args: str, env: dict | None = None, timeout: int = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env)
+
+
+class RecordingHub(HfApi):
+    """The real HfApi (its `run_as_future` queue, its `run_as_future=True` argument) with the network calls
+    replaced: uploads are recorded, each can be held until released, and `fail` makes them raise."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__(token=False)
+        self.fail = fail
+        self.release = threading.Event()
+        self.calls: list[tuple] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs.get("private")))
+
+    @future_compatible
+    def upload_folder(self, *, repo_id, folder_path, commit_message=None, ignore_patterns=None, **kwargs):
+        self.release.wait(timeout=30)
+        if self.fail:
+            raise ConnectionError("hub unreachable")
+        root = Path(folder_path)
+        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
+                       and not any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat) for pat in ignore_patterns))
+        self.calls.append(("upload_folder", root.name, files, (root / "README.md").read_text(encoding="utf-8")))
+
+    @future_compatible
+    def upload_file(self, *, path_or_fileobj, path_in_repo, repo_id, commit_message=None, **kwargs):
+        self.calls.append(("upload_file", path_in_repo, path_or_fileobj.decode("utf-8")))
