@@ -9,20 +9,23 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from medsft.config.data import FILE_TYPES, data_problems
 from medsft.config.evaluate import EVAL_KINDS
 from medsft.config.rl import ALGORITHMS, BUILTIN_REWARDS, LOSS_TYPES
 from medsft.errors import ConfigError
 
-DATA_FORMATS = ("auto", "json", "jsonl", "parquet")
+DATA_FORMATS = ("auto", "json", "jsonl", "parquet")  # file types (rl.data.format)
 ON_INVALID = ("error", "skip")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 _CUSTOM_REWARD = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 _SFT_CHOICES = {
     "stage": ("sft", "rl"),
-    "data.format": DATA_FORMATS,
+    "data.file_type": FILE_TYPES,
     "data.on_invalid": ON_INVALID,
     "data.overlong": ("drop", "truncate", "error"),
+    "data.loss_turns": ("all", "last"),
+    "data.headers_in_text": ("warn", "skip", "error"),
     "optimizer.name": ("adamw",),
     "optimizer.scheduler": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
@@ -56,7 +59,9 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None or value < 1:
             problems.append(f"{key}={value!r} must be >= 1")
-    for key in ("data.max_samples", "train.max_steps", "checkpoint.every_n_steps", "train.eval_every_n_steps"):
+    problems += data_problems(cfg.data)
+    for key in ("data.max_samples", "data.num_proc", "train.max_steps", "checkpoint.every_n_steps",
+                "train.eval_every_n_steps"):
         if OmegaConf.select(cfg, key) < 0:
             problems.append(f"{key} must be >= 0")
     if cfg.checkpoint.max_ckpts < 1:
