@@ -43,8 +43,8 @@ from medsft.data.records import Scan, indices_key, scan
 from medsft.data.render import OVERLONG, ensure_chat_template, length_error, render_records
 from medsft.data.sources import SourceSpec, open_source
 from medsft.data.store import Examples, StoreWriter, TokenStore
-from medsft.data.tokenize import (CHUNK_RECORDS, RenderJob, char_bound, chars_per_token, pack, render_chunks,
-                                  truncated_prefix, workers_for)
+from medsft.data import tokenize as tokenizing
+from medsft.data.tokenize import RenderJob, char_bound, chars_per_token, pack, render_chunks, truncated_prefix
 from medsft.errors import DataError
 from medsft.paths import cache_home, in_project
 
@@ -158,10 +158,10 @@ def tokenize_scan(tokenizer: Any, sc: SourceConfig, data_cfg: Any, result: Scan,
                 return Tokenized(result, store, row_of, over, info)
         info["cache"] = "miss"
     job = RenderJob(tokenizer, result.source, result.adapter, data_cfg.response_template, data_cfg.system_prompt)
-    tasks = [(indices[a:a + CHUNK_RECORDS], result.start[inside[a:a + CHUNK_RECORDS]],
-              result.end[inside[a:a + CHUNK_RECORDS]], result.line[inside[a:a + CHUNK_RECORDS]])
-             for a in range(0, len(inside), CHUNK_RECORDS)]
-    workers = workers_for(int(data_cfg.num_proc), len(inside))
+    step = tokenizing.CHUNK_RECORDS
+    tasks = [(indices[a:a + step], result.start[inside[a:a + step]], result.end[inside[a:a + step]],
+              result.line[inside[a:a + step]]) for a in range(0, len(inside), step)]
+    workers = tokenizing.workers_for(int(data_cfg.num_proc), len(inside))
     info["workers"] = workers
     name = os.path.basename(str(sc.spec.path))
     writer = StoreWriter(path)
@@ -492,6 +492,7 @@ def _prepare(sc: SourceConfig, data_cfg: Any, tokenizer: Any, seed: int, cap: Op
     # another seed or val_ratio reuses it; a separate val_path file has its own entry.
     tok = tokenize_scan(tokenizer, sc, data_cfg, result, order_arr if held is None else train_pos, use_cache,
                         progress, bound, tok_fp)
+    s["tokenized_by"] = tok.info.get("workers", 0)  # processes that tokenized it (0: from the cache)
     counts: dict[str, Any] = {}
     train = select_examples(tok, train_pos, tokenizer, data_cfg, counts, "")
     for k in ("truncated", "dropped_overlong", "dropped_prompt_too_long"):

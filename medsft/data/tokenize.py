@@ -86,13 +86,14 @@ def workers_for(num_proc: int, n_records: int) -> int:
     """How many worker processes: data.num_proc (0 = one per CPU core, at most 8); 1 below a few chunks."""
     if num_proc == 1 or n_records < MIN_PARALLEL_RECORDS:
         return 1
+    chunks = -(-n_records // CHUNK_RECORDS)
     if num_proc <= 0:
         try:
             cores = len(os.sched_getaffinity(0))
         except AttributeError:  # not Linux
             cores = os.cpu_count() or 1
         num_proc = min(cores, MAX_WORKERS)
-    return max(1, min(num_proc, -(-n_records // CHUNK_RECORDS)))
+    return max(1, min(num_proc, chunks))
 
 
 @contextlib.contextmanager
