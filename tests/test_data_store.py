@@ -18,7 +18,7 @@ from medsft.data.dataset import build_sft_data  # noqa: E402
 from medsft.data.order import DataOrder  # noqa: E402
 from medsft.data.render import apply_length_policy, render_records  # noqa: E402
 from medsft.data.records import load_records  # noqa: E402
-from medsft.data.store import Examples, TokenStore  # noqa: E402
+from medsft.data.store import Examples, TokenStore, id_dtype  # noqa: E402
 from medsft.data.templates import DEFAULT_RESPONSE_TEMPLATE  # noqa: E402
 
 TOK = chatml_tokenizer()
@@ -62,7 +62,7 @@ def test_examples_come_from_a_mapped_file_not_python_lists(cfg, records_file):
     assert again.stats["cache"] == "hit"
     for data in (d, again):
         store = data.train.stores[0]
-        assert isinstance(store.ids, np.memmap) and store.ids.dtype == np.int32
+        assert isinstance(store.ids, np.memmap) and store.ids.dtype == np.uint16  # a 700-token vocabulary
         assert isinstance(data.train, Examples) and isinstance(data.train.lengths, np.ndarray)
     # Each example is what rendering one record gives, under the same length policy.
     records, _ = load_records(records_file, ES_FIELDS)
@@ -117,11 +117,12 @@ def test_store_round_trip_with_several_spans(tmp_path):
     from medsft.data.store import StoreWriter
 
     rendered = [Rendered(list(range(10)), 2, 9, [(2, 4), (6, 9)]), Rendered([7, 8, 9], 1, 3)]
-    w = StoreWriter(tmp_path / "x.tok")
+    w = StoreWriter(tmp_path / "x.tok", ids_dtype=id_dtype(128_256))
     for i, r in enumerate(rendered):
         w.add(*tokenize.pack([r], np.array([i + 5])))
     store = w.finish()
-    assert isinstance(store.ids, np.memmap) and store.index.tolist() == [5, 6]
+    assert isinstance(store.ids, np.memmap) and store.ids.dtype == np.int32 and store.index.tolist() == [5, 6]
+    assert id_dtype(65_536) == "<u2" and id_dtype(65_537) == "<i4"
     ex = Examples([store], np.zeros(2), np.arange(2), np.array([10, 3]))
     assert ex[0]["labels"] == [-100, -100, 2, 3, -100, -100, 6, 7, 8, -100]
     assert Examples([store], np.zeros(1), np.zeros(1), np.array([10]), last_only=True)[0]["labels"] == \

@@ -138,11 +138,14 @@ def surrogate_at(text: str) -> int:
     return m.start() if m else -1
 
 
-def text_problem(name: str, value: Any, bad_bytes: bool = False) -> tuple[Optional[str], Optional[str]]:
-    """(stripped text, None) for a usable text field, else (None, the problem naming the field)."""
+def text_problem(name: str, value: Any, bad_bytes: Optional[bool] = False) -> tuple[Optional[str], Optional[str]]:
+    """(stripped text, None) for a usable text field, else (None, the problem naming the field).
+
+    bad_bytes: True when the record's bytes were not all UTF-8 (kept as surrogates), False when its text may hold
+    lone surrogates (a `\\ud800` escape), None when it provably holds none (the check is then skipped)."""
     if not isinstance(value, str):
         return None, f"{name!r} is {type_name(value)}, expected a string"
-    at = surrogate_at(value)
+    at = -1 if bad_bytes is None else surrogate_at(value)
     if at >= 0:
         if bad_bytes:
             return None, f"{name!r} is not valid UTF-8"

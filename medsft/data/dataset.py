@@ -42,7 +42,7 @@ from medsft.data.mixture import SourceConfig, draw, draw_counts, log_sources, so
 from medsft.data.records import Scan, indices_key, scan
 from medsft.data.render import OVERLONG, ensure_chat_template, length_error, render_records
 from medsft.data.sources import SourceSpec, open_source
-from medsft.data.store import Examples, StoreWriter, TokenStore
+from medsft.data.store import Examples, StoreWriter, TokenStore, id_dtype
 from medsft.data import tokenize as tokenizing
 from medsft.data.tokenize import RenderJob, char_bound, chars_per_token, pack, render_chunks, truncated_prefix
 from medsft.errors import DataError
@@ -164,7 +164,7 @@ def tokenize_scan(tokenizer: Any, sc: SourceConfig, data_cfg: Any, result: Scan,
     workers = tokenizing.workers_for(int(data_cfg.num_proc), len(inside))
     info["workers"] = workers
     name = os.path.basename(str(sc.spec.path))
-    writer = StoreWriter(path)
+    writer = StoreWriter(path, ids_dtype=id_dtype(len(tokenizer)))
     try:
         for arrays in render_chunks(job, tasks, workers, f"tokenizing {name}", progress):
             writer.add(*arrays)

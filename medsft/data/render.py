@@ -17,17 +17,18 @@ The end-of-turn token is located as the first special token after the content (b
 fast tokenizer); a template that closes the assistant turn without one is rejected.
 
 Speed: the chat template renders text (`apply_chat_template(tokenize=False)`, batched), then the full texts are
-tokenized in one batched call (parallel in the Rust tokenizer). That is the very call
-`apply_chat_template(tokenize=True)` makes (`tokenizer(text, add_special_tokens=False)`), so ids are identical
-(tests compare both paths). The prompts' ids are read off the full ids where provably equal (see
-`_derive_prompt_ids`), else tokenized on their own; either way they are checked against the full ids.
+tokenized in one batched call of the Rust tokenizer. That is the very call `apply_chat_template(tokenize=True)`
+makes (`tokenizer(text, add_special_tokens=False)`, which hands the texts to the same Rust tokenizer), so ids
+are identical (tests compare both paths, and every batch checks its first text); token positions are looked up
+in the Rust encodings instead of converting every token's offsets to Python. The prompts' ids are read off the
+full ids where provably equal (see `_derive_prompt_ids`), else tokenized on their own; either way they are
+checked against the full ids.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -151,6 +152,70 @@ def conversation(rec: Record, response_template: str, system_prompt: Optional[st
     return messages
 
 
+class _Tokens:
+    """One text's token ids and the character span of each token: read from a fast tokenizer's Encoding one
+    token at a time (the spans of a whole batch are never turned into Python tuples), or from offset lists.
+    Token starts never decrease, so `first_from` is a bisection."""
+
+    __slots__ = ("ids", "_enc", "_offsets")
+
+    def __init__(self, ids: list[int], enc: Any = None, offsets: Optional[list] = None):
+        self.ids, self._enc, self._offsets = ids, enc, offsets
+
+    def span(self, t: int) -> tuple[int, int]:
+        if self._offsets is None:
+            span = self._enc.token_to_chars(t)
+            if span is not None:
+                return span
+            self._offsets = self._enc.offsets  # a token without a span of its own: use the full list
+        return self._offsets[t]
+
+    def first_from(self, char: int, lo: int = 0) -> int:
+        """The first token (at or after `lo`) that starts at or after `char`."""
+        hi = len(self.ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.span(mid)[0] < char:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+
+def _backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer to call directly, when calling it is exactly what `tokenizer(text)` does (a fast
+    tokenizer with no truncation or padding configured in its tokenizer.json), else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    return backend
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[_Tokens]:
+    """Token ids (and where each token is) of each text, as `tokenizer(text, add_special_tokens=False)` gives."""
+    backend = _backend(tokenizer)
+    if backend is not None:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        out = [_Tokens(e.ids, e) for e in encodings]
+        if out:  # the premise, checked on the batch's first text: the same ids as through transformers
+            ref = tokenizer(texts[0], add_special_tokens=False)["input_ids"]
+            if list(ref) == out[0].ids:
+                return out
+            log.debug("the backend tokenizer of %s gives other ids; using the wrapper",
+                      getattr(tokenizer, "name_or_path", "?"))
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
+                    return_token_type_ids=False)
+    return [_Tokens(list(ids), offsets=offs) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+
+
+def _ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    backend = _backend(tokenizer)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return [list(x) for x in tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                                       return_token_type_ids=False)["input_ids"]]
+
+
 def render_records(
     tokenizer: Any,
     records: Sequence[Record],
@@ -176,20 +241,16 @@ def render_records(
     contents = [convs[i][j]["content"] for i, js in enumerate(bounds) for j in js]
     prompt_texts = _render_texts(tokenizer, prefixes, True)
     full_texts = _render_texts(tokenizer, convs, False)
-    enc_full = tokenizer(full_texts, add_special_tokens=False, return_offsets_mapping=True,
-                         return_attention_mask=False, return_token_type_ids=False)
-    full_ids, full_offsets = enc_full["input_ids"], enc_full["offset_mapping"]
+    full = _encode(tokenizer, full_texts)
     special = _special_ids(tokenizer)
     if exact_prompts:
         p_ids: list = [None] * len(prefixes)
     else:
-        p_ids = _derive_prompt_ids(tokenizer, prompt_texts, [full_texts[i] for i in owner],
-                                   [full_ids[i] for i in owner], [full_offsets[i] for i in owner], special)
+        p_ids = _derive_prompt_ids(tokenizer, prompt_texts, [full_texts[i] for i in owner], [full[i] for i in owner],
+                                   special)
     todo = [k for k, x in enumerate(p_ids) if x is None]
     if todo:
-        exact = tokenizer([prompt_texts[k] for k in todo], add_special_tokens=False, return_attention_mask=False,
-                          return_token_type_ids=False)["input_ids"]
-        for k, ids in zip(todo, exact):
+        for k, ids in zip(todo, _ids(tokenizer, [prompt_texts[k] for k in todo])):
             p_ids[k] = ids
     out = []
     k = 0
@@ -198,14 +259,13 @@ def render_records(
         spans = []
         for t in range(n):
             turn = f" (assistant turn {t + 1} of {n})" if n > 1 else ""
-            spans.append(_span_for(rec, turn, prompt_texts[k], full_texts[i], contents[k], p_ids[k], full_ids[i],
-                                   full_offsets[i], special, tokenizer))
+            spans.append(_span_for(rec, turn, prompt_texts[k], full_texts[i], contents[k], p_ids[k], full[i],
+                                   special, tokenizer))
             k += 1
         for t in range(1, n):
             if spans[t][0] < spans[t - 1][1]:  # pragma: no cover - the prefix checks make this impossible
                 raise DataError(f"{rec.where()}: assistant turns {t} and {t + 1} overlap in the rendered conversation")
-        ids = full_ids[i] if isinstance(full_ids[i], list) else list(full_ids[i])
-        out.append(Rendered(ids, spans[0][0], spans[-1][1], spans if n > 1 else None))
+        out.append(Rendered(full[i].ids, spans[0][0], spans[-1][1], spans if n > 1 else None))
     return out
 
 
@@ -213,8 +273,7 @@ def _derive_prompt_ids(
     tokenizer: Any,
     prompt_texts: list[str],
     full_texts: list[str],
-    full_ids: list[list[int]],
-    full_offsets: list[list[tuple[int, int]]],
+    full: list[_Tokens],
     special: set[int],
 ) -> list[Optional[list[int]]]:
     """The prompt's token ids, read off the full conversation's tokens where that is provably the same; None
@@ -222,27 +281,28 @@ def _derive_prompt_ids(
 
     Fast tokenizers split text at added/special tokens first and tokenize the pieces between them independently.
     So the prompt's tokens up to its last special token are exactly the conversation's; only the piece after
-    it (template text such as "assistant\n" or "\n\n", the same for every record) is tokenized, once per
+    it (template text such as "assistant\\n" or "\\n\\n", the same for every record) is tokenized, once per
     distinct piece. The first record of each batch is also tokenized in full as a check of that premise for
     this tokenizer; if it fails, every prompt is tokenized on its own. Saves ~15-25% of tokenization.
     """
     out: list[Optional[list[int]]] = [None] * len(prompt_texts)
     pieces: dict[str, list[int]] = {}
-    for i, (p_text, f_text, ids, offs) in enumerate(zip(prompt_texts, full_texts, full_ids, full_offsets)):
+    for i, (p_text, f_text, tokens) in enumerate(zip(prompt_texts, full_texts, full)):
         n_chars = len(p_text)
         if not f_text.startswith(p_text):
             continue
-        k = bisect_left(offs, n_chars, key=lambda o: o[0])  # first token starting at/after the prompt's end
-        if k == 0 or offs[k - 1][1] > n_chars:
+        ids = tokens.ids
+        k = tokens.first_from(n_chars)  # first token starting at/after the prompt's end
+        if k == 0 or tokens.span(k - 1)[1] > n_chars:
             continue  # a token straddles the boundary: the exact path reports it
         s = k - 1
         while s >= 0 and ids[s] not in special and k - s <= 64:
             s -= 1
         if s < 0 or ids[s] not in special:
             continue
-        piece = p_text[offs[s][1] : n_chars]
+        piece = p_text[tokens.span(s)[1] : n_chars]
         if piece not in pieces:
-            pieces[piece] = list(tokenizer(piece, add_special_tokens=False)["input_ids"]) if piece else []
+            pieces[piece] = _ids(tokenizer, [piece])[0] if piece else []
         if ids[s + 1 : k] == pieces[piece]:
             out[i] = ids[:k]
     first = next((i for i, x in enumerate(out) if x is not None), None)
@@ -262,8 +322,7 @@ def _span_for(
     f_text: str,
     content: str,
     p_ids: list[int],
-    f_ids: list[int],
-    offsets: list[tuple[int, int]],
+    full: _Tokens,
     special: set[int],
     tokenizer: Any,
 ) -> tuple[int, int]:
@@ -277,6 +336,7 @@ def _span_for(
             "see the training prompt; use a template whose generation prompt is a prefix (e.g. Llama-3, ChatML)"
         )
     n_p = len(p_ids)
+    f_ids = full.ids
     if f_ids[:n_p] != list(p_ids):
         raise DataError(
             f"{where}: with {name}, the prompt's token ids are not a prefix of the full conversation's ids "
@@ -290,10 +350,7 @@ def _span_for(
             "in the rendered conversation), so what is trained would differ from the data"
         )
     content_end = start + len(content)
-    # First token at or after the content's end (bisect: the offsets are sorted by start).
-    first = max(n_p, bisect_left(offsets, content_end, key=lambda o: o[0]))
-    while first > n_p and offsets[first - 1][0] >= content_end:  # pragma: no cover - bisect found the first
-        first -= 1
+    first = full.first_from(content_end, n_p)  # the first token at or after the content's end
     loss_end = None
     for t in range(first, min(len(f_ids), first + 8)):  # template text before the end-of-turn token carries loss
         if f_ids[t] in special:

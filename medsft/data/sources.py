@@ -36,6 +36,7 @@ BATCH_ROWS = 1024  # rows per batch read from columnar sources
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".pq", ".arrow", ".csv", ".txt", ".tsv")
 _ENCODING_HINT = "save it as UTF-8 (e.g. `iconv -f UTF-16 -t UTF-8 in.json > out.json`)"
+_SURROGATE_CHAR = re.compile("[\ud800-\udfff]")
 INVALID = object()  # the value of an item that could not be parsed (its problems say why)
 
 
@@ -46,7 +47,14 @@ class RawItem(NamedTuple):
     problems: Optional[list]  # why the item is INVALID; None when parsed
     start: int  # byte span in the file (JSON / JSONL), else -1
     end: int
-    bad_bytes: bool  # the item's text held bytes that are not UTF-8 (kept as surrogates)
+    bad_bytes: Optional[bool]  # True: bytes that are not UTF-8 (kept as surrogates); False: the text may hold
+    # lone surrogates (\ud800 escapes); None: it provably holds no surrogate (no such escape, Arrow strings)
+
+
+def _escapes_surrogate(text: str, start: int = 0, end: Optional[int] = None) -> bool:
+    """Whether JSON text may decode to a lone surrogate: it holds a \\uD800-\\uDFFF escape."""
+    end = len(text) if end is None else end
+    return text.find("\\ud", start, end) >= 0 or text.find("\\uD", start, end) >= 0
 
 
 @dataclass(frozen=True)
@@ -203,7 +211,8 @@ class JsonlSource(_FileSource):
 
 def _jsonl_item(raw: bytes, index: int, lineno: Optional[int], start: int, end: int) -> RawItem:
     try:
-        text, bad = raw.decode("utf-8"), False
+        text = raw.decode("utf-8")
+        bad = False if _escapes_surrogate(text) else None
     except UnicodeDecodeError:
         text, bad = raw.decode("utf-8", "surrogateescape"), True
     try:
@@ -256,8 +265,9 @@ class JsonListSource(_FileSource):
                     raw = block[int(starts[m]) - base:int(ends[m]) - base]
                     text = raw.decode("utf-8", "surrogateescape")
                     value = json.loads(text)
+                    bad = True if surrogate_at(text) >= 0 else (False if _escapes_surrogate(text) else None)
                     out.append(RawItem(int(indices[m]), value, None if lines is None else int(lines[m]),
-                                       None, int(starts[m]), int(ends[m]), surrogate_at(text) >= 0))
+                                       None, int(starts[m]), int(ends[m]), bad))
                 k = j + 1
         return out
 
@@ -279,6 +289,7 @@ class _JsonWindow:
         self.base_line = 1  # line of buf[0]
         self.base_col = 1  # column of buf[0]
         self.scan = json.JSONDecoder().raw_decode
+        self.dirty = False  # the text read so far held bytes that are not UTF-8
 
     # ---------------------------------------------------------------------------------------- the window
     def _more(self, at_least: int = 0) -> bool:
@@ -290,7 +301,9 @@ class _JsonWindow:
             self.eof = True
             self.buf += self.decoder.decode(b"", final=True)
             return False
-        self.buf += self.decoder.decode(data)
+        text = self.decoder.decode(data)
+        self.dirty = self.dirty or surrogate_at(text) >= 0  # bytes that are not UTF-8 somewhere in this block
+        self.buf += text
         return True
 
     def _advance(self, to: int) -> None:
@@ -377,7 +390,8 @@ class _JsonWindow:
                     raise DataError(f"{path}: record #{index} (starting line {start_line}) is nested too deeply to "
                                     "parse (arrays/objects inside one another hundreds of levels deep)") from None
                 start = self.pos  # the window may have moved while reading more
-                bad = surrogate_at(self.buf[start:end]) >= 0
+                bad = True if self.dirty and _SURROGATE_CHAR.search(self.buf, start, end) else (
+                    False if _escapes_surrogate(self.buf, start, end) else None)
                 self._advance(end)
                 yield RawItem(index, value, start_line, None, start_byte, self.byte, bad)
                 index += 1
@@ -436,7 +450,7 @@ class _TableSource(Source):
         index = start_index
         for batch in batches:
             for row in batch.to_pylist():
-                yield RawItem(index, row, None, None, -1, -1, False)
+                yield RawItem(index, row, None, None, -1, -1, None)
                 index += 1
 
 
@@ -476,7 +490,7 @@ class ParquetSource(_TableSource):
                 cached.clear()
                 cached[g] = self.file.read_row_group(g).to_pylist()
             out.append(RawItem(int(index), cached[g][int(index) - int(self.group_starts[g])], None, None, -1, -1,
-                               False))
+                               None))
         return out
 
 
@@ -510,7 +524,7 @@ class ArrowSource(_TableSource):
         import pyarrow as pa  # columnar sources only (pyarrow's import takes ~0.5 s)
 
         rows = self.table.take(pa.array(np.asarray(indices, dtype=np.int64))).to_pylist()
-        return [RawItem(int(i), row, None, None, -1, -1, False) for i, row in zip(indices, rows)]
+        return [RawItem(int(i), row, None, None, -1, -1, None) for i, row in zip(indices, rows)]
 
 
 class DatasetSource(Source):
@@ -533,13 +547,13 @@ class DatasetSource(Source):
         for batch in self.dataset.iter(batch_size=BATCH_ROWS):
             names = list(batch)
             for values in zip(*(batch[n] for n in names)):
-                yield RawItem(index, dict(zip(names, values)), None, None, -1, -1, False)
+                yield RawItem(index, dict(zip(names, values)), None, None, -1, -1, None)
                 index += 1
 
     def read(self, indices, starts=None, ends=None, lines=None) -> list[RawItem]:
         batch = self.dataset[[int(i) for i in indices]]
         names = list(batch)
-        return [RawItem(int(i), dict(zip(names, values)), None, None, -1, -1, False)
+        return [RawItem(int(i), dict(zip(names, values)), None, None, -1, -1, None)
                 for i, values in zip(indices, zip(*(batch[n] for n in names)))]
 
 

@@ -1,11 +1,11 @@
-"""The tokenized data on disk and in memory: flat int32 token ids with int64 offsets, the loss spans of every
-example, and the source index of each; one file per cache entry, memory-mapped by every process that reads it
+"""The tokenized data on disk and in memory: flat token ids (uint16 when the vocabulary has at most 65 536 entries,
+else int32) with int64 offsets, the loss spans of every example, and the source index of each; one file per cache entry, memory-mapped by every process that reads it
 (numpy), so N processes on a node share one copy in the page cache instead of holding N copies as Python lists.
 
 An entry is two files: `<key>.tok`, a small manifest naming its payload, and the payload `<key>.<uid>.bin`,
 written front to back while tokenizing (so no array is ever held whole in memory):
 
-    ids (int32) | offsets (int64, n+1) | span_offsets (int64, n+1) | spans (int32, [m, 2]) | index (int64, n)
+    ids (uint16 | int32) | offsets (int64, n+1) | span_offsets (int64, n+1) | spans (int32, [m, 2]) | index (int64, n)
     | footer (JSON: where each array starts, its dtype and shape) | footer length (uint64) | b"MEDSFTTK"
 
 A payload is never written again once complete (a rebuilt entry gets a new payload and the manifest is replaced
@@ -130,11 +130,17 @@ class TokenStore:
         return store
 
 
+def id_dtype(vocab_size: int) -> str:
+    """The smallest dtype that holds every token id of a vocabulary: 2 bytes per token where it fits."""
+    return "<u2" if vocab_size <= 1 << 16 else "<i4"
+
+
 class _Arrays:
     """Accumulates rows (per batch) for a store: the small arrays in memory, the ids in a file or a list."""
 
-    def __init__(self, sink=None):
+    def __init__(self, sink=None, ids_dtype: str = "<i4"):
         self.sink = sink  # a binary file for the ids, else kept in memory
+        self.ids_dtype = np.dtype(ids_dtype)
         self.id_parts: list[np.ndarray] = []
         self.lengths: list[np.ndarray] = []
         self.n_spans: list[np.ndarray] = []
@@ -144,7 +150,9 @@ class _Arrays:
 
     def add(self, ids: np.ndarray, lengths: np.ndarray, spans: np.ndarray, n_spans: np.ndarray,
             index: np.ndarray) -> None:
-        ids = np.ascontiguousarray(ids, dtype="<i4")
+        if len(ids) and self.ids_dtype.itemsize < 4 and int(np.max(ids)) >= 1 << 16:
+            raise ValueError(f"token id {int(np.max(ids))} does not fit {self.ids_dtype}")
+        ids = np.ascontiguousarray(ids, dtype=self.ids_dtype)
         if self.sink is not None:
             self.sink.write(ids.tobytes())
         else:
@@ -173,7 +181,7 @@ class _Arrays:
 
     def store(self, index: Optional[np.ndarray] = None) -> TokenStore:
         t = self.tables()
-        ids = np.concatenate(self.id_parts) if self.id_parts else np.zeros(0, dtype=np.int32)
+        ids = np.concatenate(self.id_parts) if self.id_parts else np.zeros(0, dtype=self.ids_dtype)
         return TokenStore(ids, t["offsets"], t["span_offsets"], t["spans"], t["index"] if index is None else index)
 
 
@@ -182,7 +190,7 @@ class StoreWriter:
     rows in memory: when `path` is None, or when the file cannot be written (read-only or full disk: training
     still works, just not cached)."""
 
-    def __init__(self, path: Optional[Path], meta: Optional[dict] = None):
+    def __init__(self, path: Optional[Path], meta: Optional[dict] = None, ids_dtype: str = "<i4"):
         self.path = Path(path) if path is not None else None  # the manifest
         self.meta = meta or {}
         self.tmp: Optional[str] = None
@@ -196,7 +204,7 @@ class StoreWriter:
             except OSError as err:
                 log.warning("could not write the data cache %s: %s", self.path, err)
                 self.path = None
-        self.arrays = _Arrays(self.fh)
+        self.arrays = _Arrays(self.fh, ids_dtype)
 
     def add(self, ids, lengths, spans, n_spans, index) -> None:
         if self.fh is not None:
@@ -214,7 +222,7 @@ class StoreWriter:
             self.fh.close()
         except OSError:
             pass
-        self.arrays.id_parts = [np.fromfile(self.tmp, dtype="<i4", count=written)] if written else []
+        self.arrays.id_parts = [np.fromfile(self.tmp, dtype=self.arrays.ids_dtype, count=written)] if written else []
         self.arrays.sink = None
         self.fh = None
         self.abort()
@@ -236,8 +244,8 @@ class StoreWriter:
 
     def _complete(self) -> None:
         fh = self.fh
-        layout = {"ids": [0, "<i4", [self.arrays.n_ids]]}
-        pos = self.arrays.n_ids * 4
+        layout = {"ids": [0, self.arrays.ids_dtype.str, [self.arrays.n_ids]]}
+        pos = self.arrays.n_ids * self.arrays.ids_dtype.itemsize
         for name, arr in self.arrays.tables().items():
             pad = (-pos) % 8
             fh.write(b"\0" * pad)
