@@ -145,3 +145,40 @@ def test_a_training_run_records_each_sources_share_in_metrics(tmp_path, files):
     assert len(data) == 1 and data[0]["examples"] == 12
     assert [(s["name"], s["train_examples"]) for s in data[0]["sources"]] == [("es", 8), ("en", 4)]
     assert all(s["train_tokens"] > 0 for s in data[0]["sources"])
+
+
+def test_medsft_data_understands_mixtures_and_conversations(tmp_path, files, capsys):
+    """`medsft data check|stats|show|sample` on a mixture config and on a multi-turn messages file."""
+    from test_data_support import llama3_tokenizer
+
+    from medsft.cli.data import cli_main
+
+    es, en = files
+    mixture = hydra_list([{"name": "es", "path": str(es), "weight": 0.5},
+                          {"name": "en", "path": str(en), "format": "huatuo", "weight": 0.5}])
+    assert cli_main(["check", "data=mixture", f"data.mixture={mixture}"]) == 0
+    out = capsys.readouterr().out
+    assert "OK: [es]" in out and "OK: [en]" in out and "huatuo" in out
+    model = tmp_path / "tok"
+    llama3_tokenizer().save_pretrained(model)
+    assert cli_main(["stats", "data=mixture", f"data.mixture={mixture}", "--model", str(model), "--json",
+                     f"data.cache_dir={tmp_path / 'c'}"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["mixture_examples"] == {"es": 20, "en": 20} and stats["examples_after_policy"] == 40
+    assert [s["name"] for s in stats["sources"]] == ["es", "en"]
+    assert cli_main(["show", "data=mixture", f"data.mixture={mixture}", "--index", "0", "--model", str(model)]) == 1
+    assert "--source" in capsys.readouterr().err
+    assert cli_main(["show", "data=mixture", f"data.mixture={mixture}", "--source", "en", "--index", "3",
+                     "--model", str(model), "--color", "never"]) == 0
+    assert "Patient 3 with cough" in capsys.readouterr().out
+    chat = write_json(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "user", "content": "¿Tos?"}, {"role": "assistant", "content": "Desde cuándo."},
+        {"role": "user", "content": "Dos días."}, {"role": "assistant", "content": "Reposo."}]}], jsonl=True)
+    assert cli_main(["show", str(chat), "--index", "0", "--model", str(model), "--color", "never"]) == 0
+    text = capsys.readouterr().out
+    assert "2 assistant turns" in text and text.split("\n", 2)[2].count("[[") == 2  # (after the legend)
+    assert "[[Desde cuándo.<|eot_id|>]]" in text and "[[Reposo.<|eot_id|>]]" in text
+    assert cli_main(["sample", str(chat), "--n", "1", "--out", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())[0]["messages"][3]["content"] == "Reposo."
+    assert cli_main(["check", str(chat), "--format", "alpaca"]) == 1
+    assert "no record has the key 'instruction'" in capsys.readouterr().err
