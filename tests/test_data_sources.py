@@ -270,3 +270,18 @@ def test_the_over_long_hint_does_not_suggest_truncate_when_it_is_set(tmp_path, c
     assert "set data.overlong=truncate" not in str(info.value) and "raise data.max_seq_len" in str(info.value)
     with pytest.raises(DataError, match="set data.overlong=truncate"):
         build_sft_data(cfg(path, max_seq_len=20), llama3_tokenizer(), seed=0)
+
+
+def test_the_character_bound_only_where_no_character_can_vanish():
+    """A token covers at most its vocabulary entry's length; a tokenizer that drops characters (whitespace
+    pre-tokenization) has no bound, so nothing is ever judged over-long unseen."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from medsft.data.tokenize import char_bound, chars_per_token
+
+    longest = max(len(k) for k in TOK.get_vocab())
+    assert chars_per_token(TOK) == longest and char_bound(TOK, 100) == 100 * longest
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "fiebre": 1}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert chars_per_token(PreTrainedTokenizerFast(tokenizer_object=words)) is None

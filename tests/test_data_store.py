@@ -129,3 +129,43 @@ def test_store_round_trip_with_several_spans(tmp_path):
         [-100] * 6 + [6, 7, 8, -100]
     assert ex[0] == apply_length_policy(rendered[0], 100, "drop").example
     assert ex.lengths.tolist() == [10, 3]
+
+
+def test_tokenizing_while_validating_gives_the_same_store(tmp_path, cfg, monkeypatch):
+    """A large file is tokenized by workers while it is still being validated: the same rows as tokenizing
+    after; an error found late in the file leaves nothing behind; a noted cache entry is validated first."""
+    from medsft.data import dataset
+
+    monkeypatch.setattr(tokenize, "CHUNK_RECORDS", 16)
+    monkeypatch.setattr(tokenize, "MIN_PARALLEL_RECORDS", 0)
+    rows = [es_record(i) for i in range(120)]
+    rows[5]["Razonamiento_Complejo"] = "x " * 5000  # over the character bound at max_seq_len=256: never fed
+    path = write_json(tmp_path / "big.json", rows)
+    after = build_sft_data(cfg(path, num_proc=2, max_seq_len=256, cache_dir=str(tmp_path / "a")), TOK, seed=0)
+    monkeypatch.setattr(dataset, "SPECULATE_BYTES", 0)
+    fed = []
+    real_feed = tokenize.Pipeline.feed
+    monkeypatch.setattr(tokenize.Pipeline, "feed", lambda self, *a: (fed.append(a[1]), real_feed(self, *a)))
+    during = build_sft_data(cfg(path, num_proc=2, max_seq_len=256, cache_dir=str(tmp_path / "b")), TOK, seed=0)
+    assert len(fed) == 120 and during.stats["cache"] == "miss" and during.stats["sources"][0]["tokenized_by"] == 2
+    assert during.train == after.train and during.stats["dropped_overlong"] == 1
+    a, b = (TokenStore.open(Path(d.stats["cache_path"])) for d in (after, during))
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.index, b.index) and np.array_equal(a.spans, b.spans)
+    # The entry is noted: the next run validates first and maps it, tokenizing nothing.
+    fed.clear()
+    again = build_sft_data(cfg(path, num_proc=2, max_seq_len=256, cache_dir=str(tmp_path / "b")), TOK, seed=0)
+    assert again.stats["cache"] == "hit" and not fed
+    # Without the note, the speculative work is dropped when the entry turns out to exist.
+    for hint in (tmp_path / "b" / "hints").iterdir():
+        hint.unlink()
+    again = build_sft_data(cfg(path, num_proc=2, max_seq_len=256, cache_dir=str(tmp_path / "b")), TOK, seed=0)
+    assert again.stats["cache"] == "hit" and len(fed) == 120 and again.train == after.train
+    # An invalid record near the end: the usual error, no temporary file, no worker left.
+    rows[117]["Respuesta"] = 3
+    write_json(path, rows)
+    with pytest.raises(Exception, match=r"#117 \(line \d+\) 'Respuesta' is a number"):
+        build_sft_data(cfg(path, num_proc=2, max_seq_len=256, cache_dir=str(tmp_path / "c")), TOK, seed=0)
+    assert not list((tmp_path / "c").glob("*.tmp")) and not list((tmp_path / "c").glob("*.bin"))
+    import multiprocessing
+
+    assert not multiprocessing.active_children()

@@ -2,7 +2,8 @@
 
 Order of operations, per source (data.path, or each source of data.mixture; all seeded, so every rank of a
 distributed run builds the same split):
-  1. read + validate every record (`medsft.data.records.scan`, streaming; DataError before any tokenization);
+  1. read + validate every record (`medsft.data.records.scan`, streaming; a DataError before any example is
+     used; a large file's records are already being tokenized meanwhile, see `_pipeline_for`);
   2. seeded shuffle (data.shuffle), then max_samples (a random subset when shuffled, else the first N);
   3. validation split: data.val_path (a separate file) or the last round(n * val_ratio) records; training records
      identical to a validation record are removed from training (counted), so the validation loss is not
@@ -24,6 +25,7 @@ concurrent ranks or an interrupted run never leave a half-written entry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -41,10 +43,10 @@ from medsft.data.base import LoadReport, Record
 from medsft.data.mixture import SourceConfig, draw, draw_counts, log_sources, source_configs, top_level_options
 from medsft.data.records import Scan, indices_key, scan
 from medsft.data.render import OVERLONG, ensure_chat_template, length_error, render_records
-from medsft.data.sources import SourceSpec, open_source
+from medsft.data.sources import Source, SourceSpec, open_source
 from medsft.data.store import Examples, StoreWriter, TokenStore, id_dtype
 from medsft.data import tokenize as tokenizing
-from medsft.data.tokenize import RenderJob, char_bound, chars_per_token, pack, render_chunks, truncated_prefix
+from medsft.data.tokenize import RenderJob, char_bound, pack, render_chunks, truncated_prefix
 from medsft.errors import DataError
 from medsft.paths import cache_home, in_project
 
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 
 # Bump when rendering or the cache layout changes: old entries are then ignored.
 FORMAT_VERSION = 2
+SPECULATE_BYTES = 16 << 20  # local files this large start tokenizing while they are validated
 _MARGIN_TOKENS = 64  # a truncated prefix is cut this many tokens' worth of characters past max_seq_len
 
 
@@ -122,22 +125,71 @@ class Tokenized:
     row_of: np.ndarray  # scan position -> store row (-1: not in the store)
     over: np.ndarray  # scan positions over the character bound
     info: dict
+    bound: Optional[int] = None  # the character bound it was built with (None: no bound for this tokenizer)
 
 
-def open_scanned(sc: SourceConfig, data_cfg: Any) -> Scan:
+def open_scanned(sc: SourceConfig, data_cfg: Any, source: Optional[Source] = None, sink: Any = None) -> Scan:
     """Open and validate one source (medsft.data.records.scan); logs its load report."""
-    source = open_source(sc.spec)
+    source = source or open_source(sc.spec)
     stamp = source.stamp()
-    result = scan(source, sc.format, sc.options, data_cfg.on_invalid, data_cfg.headers_in_text, key=sc.key)
+    result = scan(source, sc.format, sc.options, data_cfg.on_invalid, data_cfg.headers_in_text, key=sc.key,
+                  sink=sink)
     result.report.content_hash = source.content_hash
     result.stamp = stamp
     log.info("%s", result.report.summary())
     return result
 
 
+def _hint_path(sc: SourceConfig, data_cfg: Any, tok_fp: str, bound: Optional[int], source: Source) -> Optional[Path]:
+    """Where the cache key last built for this file (as it is now) and these settings is noted, so a run that
+    will find its entry in the cache does not start tokenizing while it validates (see `_pipeline_for`)."""
+    stamp = source.stamp()
+    if stamp is None:
+        return None
+    o = sc.options
+    parts = [FORMAT_VERSION, os.path.abspath(source.path), list(stamp), tok_fp, data_cfg.response_template,
+             data_cfg.system_prompt, sc.format, [o.question, o.reasoning, o.response, o.source],
+             data_cfg.headers_in_text, data_cfg.on_invalid, bound]
+    key = hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=16).hexdigest()
+    return cache_root(data_cfg) / "hints" / key
+
+
+def _note_hint(hint: Optional[Path], key: str) -> None:
+    if hint is None:
+        return
+    try:
+        hint.parent.mkdir(parents=True, exist_ok=True)
+        hint.write_text(key, encoding="utf-8")
+    except OSError:  # a hint only saves work; a cache folder that cannot take it is no error
+        pass
+
+
+def _pipeline_for(sc: SourceConfig, data_cfg: Any, tokenizer: Any, source: Source, selects_all: bool,
+                  use_cache: bool, bound: Optional[int], tok_fp: str,
+                  progress: Optional[bool]) -> Optional[tokenizing.Pipeline]:
+    """Workers that tokenize while the source is validated, when that pays: a large local file whose every valid
+    record is selected (no data.max_samples, no val_path), several workers, and no cache entry noted for it."""
+    stamp = source.stamp()
+    if not (use_cache and selects_all and stamp is not None and stamp[0] >= SPECULATE_BYTES):
+        return None
+    workers = tokenizing.workers_for(int(data_cfg.num_proc), 1 << 30)
+    if workers <= 1:
+        return None
+    hint = _hint_path(sc, data_cfg, tok_fp, bound, source)
+    if hint is not None and hint.exists():
+        with contextlib.suppress(OSError):
+            if (cache_root(data_cfg) / f"{hint.read_text(encoding='utf-8').strip()}.tok").exists():
+                return None  # most likely a cache hit: validate first
+    writer = StoreWriter(cache_root(data_cfg) / "building.tok", ids_dtype=id_dtype(len(tokenizer)))
+    return tokenizing.Pipeline(tokenizer, source, data_cfg.response_template, data_cfg.system_prompt, workers,
+                               writer, bound, f"tokenizing {os.path.basename(source.path)}", progress)
+
+
 def tokenize_scan(tokenizer: Any, sc: SourceConfig, data_cfg: Any, result: Scan, positions: np.ndarray,
-                  use_cache: bool, progress: Optional[bool], bound: Optional[int], tok_fp: str) -> Tokenized:
-    """Tokenize the records at these scan positions (or map their cache entry)."""
+                  use_cache: bool, progress: Optional[bool], bound: Optional[int], tok_fp: str,
+                  pipeline: Optional[tokenizing.Pipeline] = None) -> Tokenized:
+    """Tokenize the records at these scan positions (or map their cache entry). `pipeline`: workers that have
+    been tokenizing every valid record within the bound while the source was validated (`_pipeline_for`)."""
     positions = np.unique(np.asarray(positions, dtype=np.int64))
     over = positions[result.chars[positions] > bound] if bound is not None else positions[:0]
     inside = positions if not len(over) else np.setdiff1d(positions, over, assume_unique=True)
@@ -151,12 +203,34 @@ def tokenize_scan(tokenizer: Any, sc: SourceConfig, data_cfg: Any, result: Scan,
         key = _cache_key(result.report.content_hash, indices, tok_fp, data_cfg, sc, fmt)
         path = cache_root(data_cfg) / f"{key}.tok"
         info["cache_path"] = str(path)
+        hint = _hint_path(sc, data_cfg, tok_fp, bound, result.source)
         if path.exists():
             store = TokenStore.open(path)
             if store is not None and len(store) == len(indices) and np.array_equal(store.index, indices):
                 info["cache"] = "hit"
-                return Tokenized(result, store, row_of, over, info)
+                if pipeline is not None:  # tokenized for nothing: the entry was there after all
+                    pipeline.abort()
+                    pipeline.writer.abort()
+                _note_hint(hint, key)
+                return Tokenized(result, store, row_of, over, info, bound)
         info["cache"] = "miss"
+    if pipeline is not None:
+        try:
+            if not np.array_equal(positions, np.arange(len(result))):
+                raise AssertionError("the pipeline tokenized every valid record; this selection is a subset")
+            pipeline.finish(result.adapter)
+            if result.stamp is not None and result.source.stamp() != result.stamp:
+                raise DataError(f"{result.source.path}: the file changed while it was being read; run again")
+            store = pipeline.writer.finish(path)
+        except BaseException:
+            pipeline.abort()
+            pipeline.writer.abort()
+            raise
+        if len(store) != len(indices) or not np.array_equal(store.index, indices):  # pragma: no cover - a bug
+            raise AssertionError(f"{result.source.path}: the tokenized rows do not match the validated records")
+        info["workers"] = pipeline.workers
+        _note_hint(hint, key)
+        return Tokenized(result, store, row_of, over, info, bound)
     job = RenderJob(tokenizer, result.source, result.adapter, data_cfg.response_template, data_cfg.system_prompt)
     step = tokenizing.CHUNK_RECORDS
     tasks = [(indices[a:a + step], result.start[inside[a:a + step]], result.end[inside[a:a + step]],
@@ -174,7 +248,9 @@ def tokenize_scan(tokenizer: Any, sc: SourceConfig, data_cfg: Any, result: Scan,
     except BaseException:
         writer.abort()
         raise
-    return Tokenized(result, store, row_of, over, info)
+    if use_cache:
+        _note_hint(hint, key)
+    return Tokenized(result, store, row_of, over, info, bound)
 
 
 def _where(result: Scan, position: int) -> str:
@@ -191,8 +267,8 @@ def _over_bound(tok: Tokenized, positions: np.ndarray, tokenizer: Any, data_cfg:
     over = positions[np.isin(positions, tok.over)]
     if not len(over):
         return None, counts, over
-    per = chars_per_token(tokenizer)
-    bound = per * max_len
+    bound = tok.bound
+    per = bound // max_len
     prompt_over = result.prompt_chars[over] > bound
     if overlong == "error":
         p = int(over[0])
@@ -448,7 +524,23 @@ def _merge_counts(dicts) -> dict:
 def _prepare(sc: SourceConfig, data_cfg: Any, tokenizer: Any, seed: int, cap: Optional[int], use_cache: bool,
              progress: Optional[bool], bound: Optional[int], tok_fp: str, held: Optional[np.ndarray]) -> dict:
     """One source: validated, split, tokenized, under the length policy (its training examples before the mix)."""
-    result = open_scanned(sc, data_cfg)
+    source = open_source(sc.spec)
+    pipeline = _pipeline_for(sc, data_cfg, tokenizer, source, held is None and not (cap and cap > 0), use_cache,
+                             bound, tok_fp, progress)
+    try:
+        return _prepare_scanned(sc, data_cfg, tokenizer, seed, cap, use_cache, progress, bound, tok_fp, held, source,
+                                pipeline)
+    except BaseException:
+        if pipeline is not None:
+            pipeline.abort()
+            pipeline.writer.abort()
+        raise
+
+
+def _prepare_scanned(sc: SourceConfig, data_cfg: Any, tokenizer: Any, seed: int, cap: Optional[int],
+                     use_cache: bool, progress: Optional[bool], bound: Optional[int], tok_fp: str,
+                     held: Optional[np.ndarray], source: Source, pipeline: Optional[tokenizing.Pipeline]) -> dict:
+    result = open_scanned(sc, data_cfg, source, sink=pipeline.feed if pipeline is not None else None)
     report = result.report
     order = list(range(len(result)))
     if data_cfg.shuffle:
@@ -491,7 +583,7 @@ def _prepare(sc: SourceConfig, data_cfg: Any, tokenizer: Any, seed: int, cap: Op
     # One tokenization (and cache entry) for every selected record of the source, whatever the split, so
     # another seed or val_ratio reuses it; a separate val_path file has its own entry.
     tok = tokenize_scan(tokenizer, sc, data_cfg, result, order_arr if held is None else train_pos, use_cache,
-                        progress, bound, tok_fp)
+                        progress, bound, tok_fp, pipeline)
     s["tokenized_by"] = tok.info.get("workers", 0)  # processes that tokenized it (0: from the cache)
     counts: dict[str, Any] = {}
     train = select_examples(tok, train_pos, tokenizer, data_cfg, counts, "")

@@ -115,12 +115,15 @@ def scan(
     headers_in_text: str = "warn",
     keep: bool = False,
     key: str = "data",
+    sink: Optional[Any] = None,
 ) -> Scan:
     """Validate every record of `source` in format `fmt` (auto: detected from the first record).
 
     on_invalid="error" raises DataError listing the invalid records; "skip" drops them with a warning. Records
     whose text holds the response layout's own headers are warned about (headers_in_text=warn), dropped (skip)
     or refused (error). Duplicates are counted and kept (with a warning); unknown keys are ignored and counted.
+    sink(adapter, index, start, end, line, chars) is called for each valid record as it is found (tokenizing
+    workers start on the first records while the rest are read: medsft.data.tokenize.Pipeline).
     """
     top = key.split(".")[0]  # on_invalid and headers_in_text are keys of `data` itself
     if on_invalid not in ON_INVALID:
@@ -181,6 +184,8 @@ def scan(
         digests.append(digest(rec))
         if records is not None:
             records.append(rec)
+        if sink is not None:
+            sink(adapter, item.index, item.start, item.end, item.line, cols["chars"][-1])
 
     def _bad(message: str) -> None:
         report.n_invalid += 1

@@ -196,10 +196,9 @@ class StoreWriter:
         self.tmp: Optional[str] = None
         self.fh = None
         if self.path is not None:
-            self.payload = self.path.with_name(f"{self.path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.bin")
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.payload.name, suffix=".tmp")
+                fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f"{self.path.stem}.", suffix=".tmp")
                 self.fh = os.fdopen(fd, "wb")
             except OSError as err:
                 log.warning("could not write the data cache %s: %s", self.path, err)
@@ -228,8 +227,11 @@ class StoreWriter:
         self.abort()
         self.path = None
 
-    def finish(self) -> TokenStore:
-        """Complete the file, rename it into place and map it; the in-memory store when there is no file."""
+    def finish(self, path: Optional[Path] = None) -> TokenStore:
+        """Complete the file, rename it into place (as `path`, a manifest in the same folder, when the entry's name
+        is known only now) and map it; the in-memory store when there is no file."""
+        if path is not None and self.path is not None:
+            self.path = Path(path)
         if self.fh is not None:
             try:
                 self._complete()
@@ -258,9 +260,10 @@ class StoreWriter:
         fh.write(footer + len(footer).to_bytes(8, "little") + MAGIC)
         fh.close()
         self.fh = None
-        os.replace(self.tmp, self.payload)
+        payload = self.path.with_name(f"{self.path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.bin")
+        os.replace(self.tmp, payload)
         self.tmp = None
-        manifest = {"magic": MAGIC.decode(), "payload": self.payload.name, "size": os.path.getsize(self.payload)}
+        manifest = {"magic": MAGIC.decode(), "payload": payload.name, "size": os.path.getsize(payload)}
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -269,11 +272,11 @@ class StoreWriter:
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            os.unlink(self.payload)
+            os.unlink(payload)
             raise
         # Payloads of earlier builds of this entry: unlinked (a process still mapping one keeps it until it exits).
         for old in self.path.parent.glob(f"{self.path.stem}.*.bin"):
-            if old != self.payload:
+            if old != payload:
                 with contextlib.suppress(OSError):
                     old.unlink()
 

@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import sys
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional, Sequence
 
@@ -159,6 +160,81 @@ def render_chunks(job: RenderJob, tasks: list[tuple], workers: int, desc: str,
                 pool.join()
         finally:
             _JOB = None
+
+
+class Pipeline:
+    """Workers tokenizing while the records are still being validated: the validation pass (`scan`) hands each
+    valid record to `feed`, chunks go to the workers as they fill, and their arrays are written to `writer` in
+    order as they come back. `finish` waits for the rest; `abort` drops everything (the scan found an error, or
+    the cache already had the entry). Records over the character bound are not fed on (see `char_bound`)."""
+
+    def __init__(self, tokenizer: Any, source: Source, response_template: str, system_prompt: Optional[str],
+                 workers: int, writer: Any, bound: Optional[int], desc: str, progress: Optional[bool]):
+        self.tokenizer, self.source = tokenizer, source
+        self.template, self.system_prompt = response_template, system_prompt
+        self.workers, self.writer, self.bound = workers, writer, bound
+        self.pending: list[tuple] = []
+        self.results: deque = deque()
+        self.pool = None
+        self.fed = 0
+        disable = None if progress is None else not progress
+        self.bar = tqdm(desc=desc, unit="rec", disable=disable, leave=False)
+
+    def feed(self, adapter: Adapter, index: int, start: int, end: int, line: Optional[int], chars: int) -> None:
+        if self.bound is not None and chars > self.bound:
+            return
+        self.pending.append((index, start, end, -1 if line is None else line))
+        self.fed += 1
+        if len(self.pending) >= CHUNK_RECORDS:
+            self._submit(adapter)
+
+    def _submit(self, adapter: Adapter) -> None:
+        global _JOB
+        if not self.pending:
+            return
+        if self.pool is None:
+            fork = sys.platform.startswith("linux")
+            job = RenderJob(self.tokenizer, self.source, adapter, self.template, self.system_prompt)
+            ctx = multiprocessing.get_context("fork" if fork else "spawn")
+            if fork:
+                _JOB = job  # inherited by the forked workers
+            try:
+                with _parallelism_off_while_forking():
+                    self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(None if fork else job,))
+            finally:
+                _JOB = None
+            self.adapter = adapter
+        cols = list(zip(*self.pending))
+        task = tuple(np.asarray(c, dtype=np.int64) for c in cols)
+        self.pending = []
+        self.results.append((len(task[0]), self.pool.apply_async(_render_chunk, (task,))))
+        self._drain(block=len(self.results) > 4 * self.workers)
+
+    def _drain(self, block: bool = False) -> None:
+        while self.results and (block or self.results[0][1].ready()):
+            n, res = self.results.popleft()
+            self.writer.add(*res.get())
+            self.bar.update(n)
+            block = block and len(self.results) > 4 * self.workers
+
+    def finish(self, adapter: Adapter) -> None:
+        """Tokenize what is still pending and write every chunk (in order)."""
+        try:
+            self._submit(adapter)
+            while self.results:
+                self._drain(block=True)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+        self.results.clear()
+        self.bar.close()
+
+    abort = close
 
 
 # ------------------------------------------------------------------------------------------ the character bound
