@@ -22,7 +22,6 @@ MAX_KEPT_MESSAGES = 10_000
 # Characters that show nothing: an answer made only of these (and whitespace) is empty.
 _INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e\u2061\u2062\u2063\u2064"
 _VISIBLE = re.compile(rf"[^\s{_INVISIBLE}]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -128,14 +127,19 @@ def listing(messages: list[str], total: Optional[int] = None) -> str:
 
 def is_blank(text: str) -> bool:
     """True when `text` shows nothing: only whitespace and zero-width characters (U+200B, U+FEFF, ...)."""
+    if text and not text[0].isspace() and text[0] not in _INVISIBLE:
+        return False  # the usual case, decided by the first character
     return _VISIBLE.search(text) is None
 
 
 def surrogate_at(text: str) -> int:
     """Position of the first lone surrogate in `text` (invalid Unicode: a `\\ud800` escape, or undecodable
     bytes kept as surrogates), or -1."""
-    m = _SURROGATE.search(text)
-    return m.start() if m else -1
+    try:
+        text.encode("utf-8")  # C speed; only surrogates fail to encode
+    except UnicodeEncodeError as err:
+        return err.start
+    return -1
 
 
 def text_problem(name: str, value: Any, bad_bytes: Optional[bool] = False) -> tuple[Optional[str], Optional[str]]:

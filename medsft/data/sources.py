@@ -54,6 +54,8 @@ class RawItem(NamedTuple):
 def _escapes_surrogate(text: str, start: int = 0, end: Optional[int] = None) -> bool:
     """Whether JSON text may decode to a lone surrogate: it holds a \\uD800-\\uDFFF escape."""
     end = len(text) if end is None else end
+    if text.find("\\u", start, end) < 0:  # no escape at all: the usual case
+        return False
     return text.find("\\ud", start, end) >= 0 or text.find("\\uD", start, end) >= 0
 
 
@@ -302,13 +304,14 @@ class _JsonWindow:
             self.buf += self.decoder.decode(b"", final=True)
             return False
         text = self.decoder.decode(data)
-        self.dirty = self.dirty or surrogate_at(text) >= 0  # bytes that are not UTF-8 somewhere in this block
+        if not self.dirty:  # bytes that are not UTF-8 somewhere in this block (kept as surrogates)
+            self.dirty = surrogate_at(text) >= 0
         self.buf += text
         return True
 
     def _advance(self, to: int) -> None:
         piece = self.buf[self.pos:to]
-        self.byte += len(piece.encode("utf-8", "surrogateescape"))
+        self.byte += len(piece) if piece.isascii() else len(piece.encode("utf-8", "surrogateescape"))
         self.line += piece.count(self.nl)
         self.pos = to
         if self.pos > CHUNK_BYTES and self.pos * 2 > len(self.buf):  # drop what is behind the cursor
@@ -321,6 +324,8 @@ class _JsonWindow:
 
     def _skip_ws(self) -> bool:
         """Move past whitespace; False at the end of the file."""
+        if self.pos < len(self.buf) and self.buf[self.pos] not in " \t\n\r":
+            return True
         while True:
             n = len(self.buf)
             p = self.pos
