@@ -17,7 +17,8 @@ tokenizer at max_seq_len 2048, the figures of issue 18). Every measurement runs 
           the peak of its largest tokenizing worker (data.num_proc; the baseline has none)
   map     a second process on the warm cache (what every other rank of a run does): `build_sft_data`, then every
           training example read once (one epoch); RSS before / after and RSS per token, with the process's
-          private (unshared) bytes from /proc/self/smaps_rollup
+          anonymous (heap) bytes from /proc/self/smaps_rollup: the rest of its RSS is the mapped cache file,
+          pages every process of a node shares
 
 Versions alternate within each round (baseline, current, then current, baseline in the next), so load from
 other processes hits both alike; the ratios printed are of the best round of each (load only slows a run). On
@@ -55,10 +56,11 @@ def status(key):
                 return int(line.split()[1]) * 1024
     return 0
 
-def private():
+def heap():
+    """Anonymous (heap) bytes: what this process holds of its own; mapped file pages are the rest of its RSS."""
     try:
         with open("/proc/self/smaps_rollup") as fh:
-            return sum(int(l.split()[1]) * 1024 for l in fh if l.startswith(("Private_Clean:", "Private_Dirty:")))
+            return sum(int(l.split()[1]) * 1024 for l in fh if l.startswith("Anonymous:"))
     except OSError:
         return None
 
@@ -88,13 +90,13 @@ else:
     tok = load_tokenizer(cfg.model)
     gc.collect()
     out["rss_before"] = status("VmRSS")
-    out["private_before"] = private()
+    out["heap_before"] = heap()
     t0 = time.perf_counter()
     data = build_sft_data(cfg.data, tok, seed=0, progress=False)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     gc.collect()
     out["rss_ready"] = status("VmRSS")
-    out["private_ready"] = private()
+    out["heap_ready"] = heap()
     out["tokens"] = int(data.stats["tokens"])
     out["examples"] = len(data.train)
     out["cache"] = data.stats.get("cache")
@@ -105,7 +107,7 @@ else:
         assert n == out["tokens"], (n, out["tokens"])
         gc.collect()
         out["rss_after_epoch"] = status("VmRSS")
-        out["private_after_epoch"] = private()
+        out["heap_after_epoch"] = heap()
 out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 out["peak_rss_child"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest worker
 print("RESULT " + json.dumps(out), flush=True)
@@ -163,11 +165,11 @@ def summarize(results: list[dict]) -> list[str]:
         if k not in best or r["seconds"] < best[k]["seconds"]:
             best[k] = r
     lines = ["| version | step | seconds (best) | peak RSS MB | worker peak MB | data RSS MB when ready | "
-             "RSS bytes/token | private MB after an epoch |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "RSS bytes/token | heap MB added by an epoch |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for (version, step), r in sorted(best.items(), key=lambda kv: (STEPS.index(kv[0][1]), kv[0][0])):
         ready = r["rss_ready"] - r["rss_before"] if "rss_ready" in r else None
         per_token = ((r["rss_after_epoch"] - r["rss_before"]) / r["tokens"]) if "rss_after_epoch" in r else None
-        priv = (r["private_after_epoch"] - r["private_before"]) if r.get("private_after_epoch") is not None else None
+        priv = (r["heap_after_epoch"] - r["heap_before"]) if r.get("heap_after_epoch") is not None else None
         lines.append(f"| {version} | {step} | {r['seconds']:.2f} | {_mb(r['peak_rss'])} | "
                      f"{_mb(r.get('peak_rss_child')) if r.get('peak_rss_child') else '-'} | {_mb(ready)} | "
                      f"{'-' if per_token is None else f'{per_token:.2f}'} | {_mb(priv)} |")
