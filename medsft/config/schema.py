@@ -74,7 +74,7 @@ class DataConfig:
     overlong: str = MISSING
     loss_turns: str = MISSING
     headers_in_text: str = MISSING
-    mixture: list[Any] = MISSING  # sources, checked by medsft.config.validation (keys of DATA_SOURCE_KEYS)
+    mixture: list[Any] = MISSING  # sources: their keys and values are checked by medsft.config.data
     num_proc: int = MISSING
     packing: bool = MISSING
     group_by_length: bool = MISSING
