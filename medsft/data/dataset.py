@@ -19,7 +19,8 @@ $MEDSFT_CACHE/data, else ~/.cache/medsft/data. Every process maps it (numpy memm
 as Python lists. It holds the token ids of each rendered conversation with its loss spans, i.e. everything
 before the length policy: max_seq_len, overlong, loss_turns, the split and the mixture are applied after loading
 (a few ms), so changing them reuses the same tokenization. Written atomically (temp file + rename), so
-concurrent ranks or an interrupted run never leave a half-written entry.
+concurrent ranks or an interrupted run never leave a half-written entry. `hints/` notes which entry a file (by
+path, size and mtime) last gave, so a run that will hit the cache does not tokenize while it validates.
 `data_cfg` everywhere here is the typed `data` node (medsft.config.schema.DataConfig, values from conf/data/).
 """
 
