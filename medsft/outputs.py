@@ -5,6 +5,8 @@ one reader of it that the launcher, sweeps and reports share.
         train            a logged window of steps (SFT: loss, token_acc, lr, grad_norm, tokens/s, ...;
                          RL: TRL's figures: reward, kl, entropy, ...)
         val              the validation loss at a step (SFT)
+        data             the training data at the start of a run (SFT): examples, tokens, and per source of a
+                         mixture its records, examples and tokens (medsft.data.mixture.data_record)
         eval             TRL's evaluation figures at a step (RL)
         generation       the before/after answers to held-out questions (SFT)
         checkpoint_eval  a benchmark eval of a saved checkpoint (SFT)

@@ -78,7 +78,7 @@ def test_medsft_train_checks_overrides_like_launch_py():
 
 @pytest.mark.parametrize("command, starts_with, fewest", [
     ([], "medsft: fine-tune causal LMs", 3),
-    (["data"], "`medsft data check|stats|sample|show`: look at a data file", 3),
+    (["data"], "`medsft data check|stats|sample|show`: look at data before training", 3),
     (["data", "stats"], "medsft data stats: token lengths", 2),  # a part of `medsft data`: its own two examples
     (["eval"], "medsft eval: evaluate a model", 3),
     (["prepare-model"], "medsft prepare-model: prepare a model", 3),

@@ -35,7 +35,9 @@ def test_check_valid_invalid_missing_and_preset():
     assert rc == 1 and "does/not/exist.jsonl: no such file" in err and "Traceback" not in err
 
     english = BROKEN / "english_schema.json"
-    rc, out, err = medsft_data("check", english)
+    rc, out, err = medsft_data("check", english)  # data.format=auto: HuatuoGPT-o1's keys are detected
+    assert rc == 0 and "huatuo (detected)" in out, (out, err)
+    rc, out, err = medsft_data("check", english, "--format", "medsft")
     assert rc == 1 and "--fields-preset huatuo_en" in err
     rc, out, err = medsft_data("check", english, "--fields-preset", "huatuo_en")
     assert rc == 0, err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -115,11 +116,19 @@ def test_readme_example_commands_get_folders_of_their_own(compose_config):
         ["experiment=local_test", "model=tiny_random"],
         ["experiment=local_test", "model.path=/models/llama-es", "data=custom_es", "data.path=/data/es.jsonl"],
         ["experiment=rl_smoke"],
+        ["data=demo_es_en", "data.max_seq_len=1152"],
+        ["data=mixture", "data.mixture=[{path: data/demo_data.json, weight: 0.7}, {path: en.json, format: huatuo, "
+                         "weight: 0.3}]"],
+        ["data=mixture", "data.mixture=[{path: data/demo_data.json, weight: 0.5}, {path: en.json, format: huatuo, "
+                         "weight: 0.5}]"],
     ]
     names = [compose_config(*c).experiment_name for c in commands]
     assert len(set(names)) == len(names), names
     assert names[0] == "demo_smollm2-135m-instruct_demo_data"
     assert names[3] == "local_test_tiny-random-llama_demo_data" and names[4] == "local_test_llama-es_es"
+    # A mixture has no data.path: its group's name and a hash of its sources (other weights: another folder).
+    assert re.fullmatch(r"demo_smollm2-135m-instruct_demo_es_en-[0-9a-f]{6}", names[6]), names[6]
+    assert names[7].startswith("demo_smollm2-135m-instruct_mixture-") and names[7] != names[8]
     assert compose_config("experiment_name=mine", "model=tiny_random").experiment_name == "mine"
     resolved = OmegaConf.to_container(compose_config("experiment=local_test", "data=custom_es"), resolve=True)
     assert resolved["experiment_name"] == "local_test_smollm2-135m-instruct"  # an unset data.path is left out

@@ -75,6 +75,7 @@ def _user_files(clone: Path) -> None:
     english = [{"Question": r["Pregunta"], "Complex_CoT": r["Razonamiento_Complejo"], "Response": r["Respuesta"]}
                for r in demo]
     (clone / "medical_o1_sft.json").write_text(json.dumps(english, ensure_ascii=False), encoding="utf-8")
+    (clone / "en.json").write_text(json.dumps(english, ensure_ascii=False), encoding="utf-8")  # a mixture's source
     questions = [{"question": "¿Qué vitamina falta en el escorbuto?", "options": {"A": "Vitamina C", "B": "Hierro",
                   "C": "Vitamina D", "D": "Yodo"}, "answer_idx": "A", "answer": "Vitamina C"},
                  {"question": "¿Qué órgano produce la insulina?", "options": {"A": "Hígado", "B": "Páncreas",
@@ -153,12 +154,16 @@ def _train_args(args: list[str], clone: Path) -> list[str]:
         return args
     bare = not args  # the demo: its 40 steps write the checkpoint the evaluation examples name
     args = _tiny_model(args, clone)
+    if bare:  # the tiny model would name the folder demo_tiny-random_...: keep the one the README names
+        args = _set(args, "experiment_name", "demo_smollm2-135m-instruct_demo_data")
     args = _set(args, "logging", "none")
     args = _set(args, "logging.progress_bar", "false")
     args = _set(args, "data.max_seq_len", "1024")  # the tiny tokenizer's rows are longer than SmolLM2's
     args = _set(args, "generation_check.max_new_tokens", "16")
     if not bare:
         args = _set(args, "train.max_steps", "2")
+    if any(a in ("data=mixture", "data=demo_es_en") for a in args):  # HuatuoGPT-o1's long English answers
+        args = _set(args, "data.overlong", "truncate")
     args = _set(args, "hydra.sweeper.n_trials", "2", replace=True) if any("hydra.sweeper.n_trials" in a
                                                                           for a in args) else args
     if any(a == "stage=rl" for a in args):

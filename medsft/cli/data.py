@@ -1,18 +1,25 @@
-"""`medsft data check|stats|sample|show`: look at a data file before training on it.
+"""`medsft data check|stats|sample|show`: look at data before training on it.
 
-  medsft data check PATH [--fields-preset es|huatuo_en]           structure and validation; exit 0 valid, 1 not
-  medsft data stats PATH [overrides] [--model M]                  token lengths, share over max_seq_len, and the
+  medsft data check SOURCE [--format F] [--fields-preset es|huatuo_en]   validation; exit 0 valid, 1 not
+  medsft data stats SOURCE [overrides] [--model M]                token lengths, share over max_seq_len, and the
                                                                    optimizer steps of the run these overrides compose
-  medsft data sample PATH --n 10 --out FILE [--seed S]            a seeded random subset, records unchanged
-  medsft data show PATH --index I --model M                       the training text, loss-carrying part marked
+  medsft data sample SOURCE --n 10 --out FILE [--seed S]          a seeded random subset, records unchanged
+  medsft data show SOURCE --index I --model M                     the training text, loss-carrying part marked
 
-`stats` composes the config `python launch.py <overrides> data.path=PATH` would train with (the demo preset
+SOURCE is a data file (.json / .jsonl / .parquet / .arrow), a `save_to_disk` or data-file folder, a Hub dataset
+id, and/or the Hydra overrides of the `data` group a run would get (`data=demo_es_en`, `data=mixture
+'data.mixture=[{path: a.json, weight: 0.7}, {path: b.jsonl, format: huatuo, weight: 0.3}]'`, `data.format=
+messages`): every source of a mixture is checked (stats: and mixed as training would); `--source NAME` picks one
+for show and sample. Record formats (--format): auto (detected), medsft, huatuo, messages, sharegpt, alpaca; the
+file type (--file-type) is detected from the extension unless given.
+
+`stats` composes the config `python launch.py <overrides> data.path=SOURCE` would train with (the demo preset
 unless experiment= is given) and reports its numbers: max_seq_len, the validation split, batch, accumulation,
 processes and epochs all come from that config (--max-seq-len, --bsz, --accum, --world, --epochs override them).
 --model takes what model.path takes: a local directory, `tiny-random:llama`, `embedded:smollm2-135m-instruct`
-or a Hub id (resolved and loaded exactly as training loads it); without it, the composed config's model. Field
-presets are the files of conf/data/ (`es` = the Spanish default schema). Exit codes: 0 ok, 1 bad data / path /
-model / config, 2 bad usage (argparse).
+or a Hub id (resolved and loaded exactly as training loads it); without it (stats), the composed config's model.
+Field presets are the files of conf/data/ (`es` = the Spanish default schema). Exit codes: 0 ok, 1 bad data /
+path / model / config, 2 bad usage (argparse).
 """
 
 from __future__ import annotations
@@ -29,17 +36,23 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from medsft.cli.usage import CommandParser, examples_block
-from medsft.config import compose, unknown_override_keys, validate
+from medsft.config import compose, unknown_override_keys
 from medsft.config.presets import describe_experiment, experiment_of
-from medsft.data.dataset import build_sft_data, tokenize_records
-from medsft.data.records import load_records, read_raw
+from medsft.config.data import FILE_TYPES, RECORD_FORMATS
+from medsft.config.validation import validate
+from medsft.data.dataset import build_sft_data, cache_root, example_stats, open_scanned, select_examples, tokenize_scan, \
+    tokenizer_fingerprint
+from medsft.data.formats import FILE_TYPE_VALUES
+from medsft.data.mixture import SourceConfig, draw_counts, source_configs
 from medsft.data.render import apply_length_policy, ensure_chat_template, render_records
-from medsft.errors import DataError, MedsftError
+from medsft.data.tokenize import char_bound
+from medsft.errors import ConfigError, DataError, MedsftError
 from medsft.paths import CONF_DIR
 
 log = logging.getLogger("medsft.data")
@@ -56,7 +69,12 @@ def presets() -> list[str]:
 
 def _production_config(*overrides: str) -> DictConfig:
     """The config a run composes to without an experiment preset: conf/'s defaults (the seed's values)."""
-    return compose(["~experiment", *overrides])
+    try:
+        return compose(["~experiment", *overrides])
+    except MedsftError:
+        raise
+    except Exception as err:  # Hydra's composition errors: a bad override
+        raise ConfigError(f"cannot compose the config with {list(overrides)}: {err}") from None
 
 
 def fields_for(preset: Optional[str]) -> DictConfig:
@@ -68,16 +86,102 @@ def fields_for(preset: Optional[str]) -> DictConfig:
     return _production_config(f"data={preset}").data.fields
 
 
+def _split_targets(targets: Sequence[str]) -> tuple[Optional[str], list[str]]:
+    """(the path, the Hydra overrides) of the positional arguments: an argument with '=' is an override."""
+    paths = [t for t in targets if not t.startswith("~") and ("=" not in t or os.path.exists(t))]
+    overrides = [t for t in targets if t not in paths]
+    if len(paths) > 1:
+        raise ConfigError(f"give one data path (got {paths}); several sources go in data.mixture")
+    return (paths[0] if paths else None), overrides
+
+
 def _data_cfg(args: argparse.Namespace) -> DictConfig:
-    """The `data` node training would use, with this command's path, field preset and options."""
-    cfg = _production_config().data
-    cfg.path = args.path
-    cfg.fields = fields_for(getattr(args, "fields_preset", None))
-    for key in ("format", "on_invalid", "max_seq_len", "overlong", "system_prompt", "response_template"):
+    """The `data` node training would use, with this command's source, overrides, field preset and options."""
+    path, overrides = _split_targets(args.targets)
+    cfg = _production_config(*overrides)
+    data = cfg.data
+    if path is not None:
+        data.path = path
+        data.mixture = []
+    if getattr(args, "fields_preset", None):
+        data.fields = fields_for(args.fields_preset)
+    for key in ("format", "file_type", "split", "subset", "revision", "on_invalid", "max_seq_len", "overlong",
+                "system_prompt", "response_template", "headers_in_text", "loss_turns", "num_proc"):
         value = getattr(args, key, None)
         if value is not None:
-            setattr(cfg, key, value)
-    return cfg
+            setattr(data, key, value)
+    validate(cfg)
+    return data
+
+
+# `medsft data stats` options that set a key of the composed config (None: the config's value).
+_STATS_OPTIONS = {
+    "max_seq_len": "data.max_seq_len",
+    "overlong": "data.overlong",
+    "on_invalid": "data.on_invalid",
+    "format": "data.format",
+    "file_type": "data.file_type",
+    "split": "data.split",
+    "subset": "data.subset",
+    "revision": "data.revision",
+    "headers_in_text": "data.headers_in_text",
+    "loss_turns": "data.loss_turns",
+    "num_proc": "data.num_proc",
+    "system_prompt": "data.system_prompt",
+    "response_template": "data.response_template",
+    "bsz": "train.train_bsz_per_gpu",
+    "accum": "train.gradient_accumulation_steps",
+    "epochs": "train.n_epochs",
+    "world": "launcher.num_processes",
+}
+
+
+def run_config(args: argparse.Namespace) -> tuple[DictConfig, list[str]]:
+    """The training config `python launch.py <overrides> data.path=SOURCE` composes (with `--fields-preset` as
+    `data=<preset>` and the options above set on it), validated; and the overrides it was composed from."""
+    path, overrides = _split_targets(args.targets)
+    given = list(overrides)
+    problems = unknown_override_keys(overrides)
+    if problems:
+        raise DataError("; ".join(problems))
+    preset = getattr(args, "fields_preset", None)
+    if preset not in (None, "", "es"):
+        fields_for(preset)  # an unknown preset: a clear error naming the available ones
+        overrides.insert(0, f"data={preset}")
+    try:
+        cfg = compose(overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise DataError(f"cannot compose the config from {' '.join(overrides)!r}: {err}") from None
+    if path is not None:
+        cfg.data.path = path
+        cfg.data.mixture = []
+    if getattr(args, "model", None):
+        cfg.model.path = args.model
+    for option, key in _STATS_OPTIONS.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            node, leaf = key.rsplit(".", 1)
+            setattr(cfg[node], leaf, value)
+    validate(cfg)
+    return cfg, given
+
+
+def _sources(data: DictConfig, pick: Optional[str] = None) -> list[SourceConfig]:
+    sources = source_configs(data, str(cache_root(data) / "hf"))
+    if pick is not None:
+        chosen = [s for s in sources if s.name == pick]
+        if not chosen:
+            raise DataError(f"--source {pick!r}: no such source (sources: {', '.join(s.name for s in sources)})")
+        return chosen
+    return sources
+
+
+def _one_source(data: DictConfig, pick: Optional[str], command: str) -> SourceConfig:
+    sources = _sources(data, pick)
+    if len(sources) > 1:
+        raise DataError(f"`medsft data {command}` works on one source: pick one with --source "
+                        f"({', '.join(s.name for s in sources)})")
+    return sources[0]
 
 
 def _load_tokenizer(model: str | DictConfig) -> Any:
@@ -95,173 +199,174 @@ def _load_tokenizer(model: str | DictConfig) -> Any:
     return tok
 
 
-# `medsft data stats` options that set a key of the composed config (None: the config's value).
-_STATS_OPTIONS = {
-    "max_seq_len": "data.max_seq_len",
-    "overlong": "data.overlong",
-    "on_invalid": "data.on_invalid",
-    "format": "data.format",
-    "system_prompt": "data.system_prompt",
-    "response_template": "data.response_template",
-    "bsz": "train.train_bsz_per_gpu",
-    "accum": "train.gradient_accumulation_steps",
-    "epochs": "train.n_epochs",
-    "world": "launcher.num_processes",
-}
-
-
-def run_config(args: argparse.Namespace) -> DictConfig:
-    """The training config `python launch.py <overrides> data.path=PATH` composes (with `--fields-preset` as
-    `data=<preset>` and the options above set on it), validated."""
-    overrides = list(args.overrides)
-    problems = unknown_override_keys(overrides)
-    bad = [o for o in overrides if "=" not in o and not o.startswith("~")]
-    if bad:
-        problems.append(f"{', '.join(map(repr, bad))}: overrides are key=value (e.g. experiment=local_test)")
-    if problems:
-        raise DataError("; ".join(problems))
-    preset = getattr(args, "fields_preset", None)
-    if preset not in (None, "", "es"):
-        fields_for(preset)  # an unknown preset: a clear error naming the available ones
-        overrides.insert(0, f"data={preset}")
-    try:
-        cfg = compose(overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise DataError(f"cannot compose the config from {' '.join(overrides)!r}: {err}") from None
-    cfg.data.path = args.path
-    if args.model:
-        cfg.model.path = args.model
-    for option, key in _STATS_OPTIONS.items():
-        value = getattr(args, option, None)
-        if value is not None:
-            node, leaf = key.rsplit(".", 1)
-            setattr(cfg[node], leaf, value)
-    validate(cfg)
-    return cfg
-
-
 @contextlib.contextmanager
-def _quiet(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def _quiet(*names: str):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _percentiles(values: Sequence[int]) -> dict:
-    if not values:
+    if not len(values):
         return {}
-    s = sorted(values)
+    s = np.sort(np.asarray(values))
 
     def q(p: float) -> int:
-        return s[min(len(s) - 1, int(round(p * (len(s) - 1))))]
+        return int(s[min(len(s) - 1, int(round(p * (len(s) - 1))))])
 
-    return {"min": s[0], "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": s[-1],
-            "mean": round(statistics.fmean(s), 1)}
+    return {"min": int(s[0]), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": int(s[-1]),
+            "mean": round(statistics.fmean(s.tolist()), 1)}
+
+
+def _record_format(value: str) -> str:
+    if value in FILE_TYPE_VALUES:
+        raise argparse.ArgumentTypeError(f"{value!r} is a file type: --format names the record format "
+                                         f"({', '.join(RECORD_FORMATS)}); use --file-type {value}")
+    if value not in RECORD_FORMATS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(RECORD_FORMATS)}")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="a .json (list of records) / .jsonl / .parquet file")
+    p.add_argument("targets", nargs="+", metavar="SOURCE",
+                   help="a data file / folder / Hub id, and/or Hydra overrides of the data group (data=..., "
+                        "data.mixture=[...], data.format=...)")
     p.add_argument("--fields-preset", default=None, metavar="NAME",
                    help="field mapping: es (default: Pregunta/Razonamiento_Complejo/Respuesta) or huatuo_en "
                         "(Question/Complex_CoT/Response), i.e. a conf/data/<NAME>.yaml")
-    p.add_argument("--format", default=None, choices=["auto", "json", "jsonl", "parquet"])
+    p.add_argument("--format", default=None, type=_record_format, metavar="FORMAT",
+                   help=f"record format: {' | '.join(RECORD_FORMATS)} (data.format)")
+    p.add_argument("--file-type", default=None, choices=list(FILE_TYPES), help="file type (data.file_type)")
+    p.add_argument("--split", default=None, help="split of a folder / Hub dataset (data.split)")
+    p.add_argument("--subset", default=None, help="Hub dataset configuration (data.subset)")
+    p.add_argument("--revision", default=None, help="Hub dataset revision (data.revision)")
+    p.add_argument("--headers-in-text", default=None, choices=["warn", "skip", "error"],
+                   help="records whose text holds the layout's headers (data.headers_in_text)")
 
 
-def _add_render(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model.path: directory, tiny-random:llama, embedded:..., hub id")
+def _add_render(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required, default=None,
+                   help="model.path: directory, tiny-random:llama, embedded:..., hub id"
+                        + ("" if model_required else " (default: the composed config's model)"))
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--response-template", default=None, help="default: the HuatuoGPT-o1 layout")
+    p.add_argument("--loss-turns", default=None, choices=["all", "last"], help="data.loss_turns")
 
 
 # -------------------------------------------------------------------------------------------------- commands
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    fields = fields_for(args.fields_preset)
-    with _quiet("medsft.data.records"):  # we print the report ourselves
-        records, report = load_records(args.path, fields, on_invalid="skip", fmt=args.format or "auto")
-    if report.invalid:
-        shown = report.invalid[: args.max_errors]
-        print(f"{args.path}: {len(report.invalid)} of {report.total} records invalid:", file=sys.stderr)
-        for msg in shown:
-            print(f"  {msg}", file=sys.stderr)
-        if len(report.invalid) > len(shown):
-            print(f"  ... and {len(report.invalid) - len(shown)} more", file=sys.stderr)
-        print(f"INVALID: {report.summary()}", file=sys.stderr)
-        return 1
-    print(f"OK: {report.summary()}")
-    return 0
+    data = _data_cfg(args)
+    data.on_invalid = "skip"  # report every invalid record, then fail
+    failed = False
+    for sc in _sources(data):
+        with _quiet("medsft.data.records", "medsft.data.dataset"):  # we print the report ourselves
+            try:
+                result = open_scanned(sc, data)
+            except DataError as err:
+                print(f"INVALID: {err}", file=sys.stderr)
+                failed = True
+                continue
+        report = result.report
+        label = f"[{sc.name}] " if len(data.mixture or []) else ""
+        if report.n_invalid:
+            shown = report.invalid[: args.max_errors]
+            print(f"{label}{report.path}: {report.n_invalid} of {report.total} records invalid:", file=sys.stderr)
+            for msg in shown:
+                print(f"  {msg}", file=sys.stderr)
+            if report.n_invalid > len(shown):
+                print(f"  ... and {report.n_invalid - len(shown)} more", file=sys.stderr)
+            print(f"INVALID: {label}{report.summary()}", file=sys.stderr)
+            failed = True
+            continue
+        if report.header_clashes:
+            print(f"{label}{report.path}: {report.header_clashes} records hold the layout's headers in their text "
+                  f"(data.headers_in_text={data.headers_in_text}):", file=sys.stderr)
+            for msg in result.clashes[: args.max_errors]:
+                print(f"  {msg}", file=sys.stderr)
+        print(f"OK: {label}{report.summary()}")
+    return 1 if failed else 0
+
+
+def _source_stats(sc: SourceConfig, data: DictConfig, tok: Any, use_cache: bool) -> tuple[dict, Any, Any]:
+    """Token figures of one source, every valid record tokenized as training would (with its cache)."""
+    result = open_scanned(sc, data)
+    report = result.report
+    positions = np.arange(len(result))
+    max_len = int(data.max_seq_len)
+    bound = char_bound(tok, max_len)
+    tokenized = tokenize_scan(tok, sc, data, result, positions, use_cache, None, bound, tokenizer_fingerprint(tok))
+    store = tokenized.store
+    last_start, last_end = store.last_spans()
+    first_start = store.first_starts()
+    lengths = store.lengths()
+    spans = store.spans.astype(np.int64)  # every row has at least one span: reduceat sums each row's
+    per_row_loss = np.add.reduceat(spans[:, 1] - spans[:, 0], store.span_offsets[:-1]) if len(spans) else spans[:0, 0]
+    n_over_bound = len(tokenized.over)
+    over = int((last_end > max_len).sum()) + n_over_bound
+    prompt_over = int((first_start >= max_len).sum()) + int((result.prompt_chars[tokenized.over] > bound).sum()
+                                                            if n_over_bound else 0)
+    policy = "drop" if data.overlong == "error" else data.overlong
+    counts: dict = {}
+    with _quiet("medsft.data.dataset"):
+        data.overlong = policy
+        examples = select_examples(tokenized, positions, tok, data, counts, "")
+    figures = example_stats(examples)
+    n = len(positions)
+    out = {
+        "path": str(sc.spec.path), "name": sc.name, "format": report.record_format, "records": report.total,
+        "valid": report.kept, "invalid": report.n_invalid, "duplicates": report.duplicates,
+        "prompt_tokens": _percentiles(first_start), "response_tokens": _percentiles(per_row_loss),
+        "total_tokens": _percentiles(lengths), "sum_tokens": int(lengths.sum()),
+        "max_seq_len": max_len, "over_max_seq_len": over,
+        "over_max_seq_len_share": round(over / n, 4) if n else 0.0, "prompt_alone_over": prompt_over,
+        "over_char_bound": n_over_bound, "examples_after_policy": figures["examples"],
+        "truncated": counts["truncated"], "trained_tokens": figures["tokens"], "loss_tokens": figures["loss_tokens"],
+    }
+    return out, report, examples
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    cfg = run_config(args)
-    data_cfg = cfg.data
-    records, report = load_records(args.path, data_cfg.fields, on_invalid=data_cfg.on_invalid, fmt=data_cfg.format)
+    cfg, overrides = run_config(args)
+    data = cfg.data
+    overlong = data.overlong
+    sources = _sources(data)
     tok = _load_tokenizer(cfg.model)
-    rendered = tokenize_records(tok, records, report, data_cfg, use_cache=not args.no_cache)
-    max_len = data_cfg.max_seq_len
-    prompt = [r.prompt_len for r in rendered]
-    response = [r.loss_end - r.prompt_len for r in rendered]  # content + end-of-turn token
-    total = [len(r.ids) for r in rendered]
-    over = sum(1 for r in rendered if r.loss_end > max_len)
-    prompt_over = sum(1 for r in rendered if r.prompt_len >= max_len)
-    kept = trained_tokens = loss_tokens = truncated = 0
-    for r, rec in zip(rendered, records):
-        res = apply_length_policy(r, max_len, "drop" if data_cfg.overlong == "error" else data_cfg.overlong, rec)
-        if res.example is not None:
-            kept += 1
-            trained_tokens += len(res.example["input_ids"])
-            loss_tokens += min(r.loss_end, len(res.example["input_ids"])) - r.prompt_len
-            truncated += res.status == "truncated"
-    preset, named = experiment_of(args.overrides)
-    out: dict[str, Any] = {
-        "path": args.path,
-        "model": cfg.model.path,
-        "experiment": preset,
-        "records": report.total,
-        "valid": report.kept,
-        "invalid": len(report.invalid),
-        "duplicates": report.duplicates,
-        "prompt_tokens": _percentiles(prompt),
-        "response_tokens": _percentiles(response),
-        "total_tokens": _percentiles(total),
-        "sum_tokens": sum(total),
-        "max_seq_len": max_len,
-        "over_max_seq_len": over,
-        "over_max_seq_len_share": round(over / len(rendered), 4) if rendered else 0.0,
-        "prompt_alone_over": prompt_over,
-        "overlong_policy": data_cfg.overlong,
-        "examples_after_policy": kept,
-        "truncated": truncated,
-        "trained_tokens": trained_tokens,
-        "loss_tokens": loss_tokens,
-    }
+    per_source = []
+    for sc in sources:
+        data.overlong = overlong
+        per_source.append(_source_stats(sc, data, tok, not args.no_cache)[0])
+    data.overlong = overlong
+    counts = draw_counts(sources, [s["examples_after_policy"] for s in per_source])
+    kept = sum(counts)
+    if len(per_source) == 1:
+        out = dict(per_source[0])
+        out.pop("name")
+        out.pop("format")
+    else:
+        out = {"sources": per_source, "mixture_examples": dict(zip((s.name for s in sources), counts))}
+        for k in ("records", "valid", "invalid", "duplicates", "sum_tokens", "over_max_seq_len", "prompt_alone_over",
+                  "truncated", "trained_tokens", "loss_tokens"):
+            out[k] = sum(s[k] for s in per_source)
+    preset, named = experiment_of(overrides)
+    out.update({"model": cfg.model.path, "experiment": preset, "overlong_policy": overlong,
+                "examples_after_policy": kept, "max_seq_len": int(data.max_seq_len)})
     out.update(_run_plan(cfg, tok, use_cache=not args.no_cache))
     if args.json:
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
-    print(f"{args.path}: {report.total} records, {report.kept} valid"
-          + (f", {len(report.invalid)} invalid (skipped)" if report.invalid else "")
-          + (f", {report.duplicates} duplicates" if report.duplicates else ""))
-    print(f"config: {describe_experiment(preset, named)}"
-          + (f"; overrides: {' '.join(args.overrides)}" if args.overrides else ""))
-    print(f"tokenizer: {cfg.model.path} (chat template rendering, as in training)")
-    print(f"{'tokens':<22}{'min':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'mean':>10}")
-    for label, key in (("prompt", "prompt_tokens"), ("response (+end turn)", "response_tokens"),
-                       ("total", "total_tokens")):
-        d = out[key]
-        print(f"{label:<22}{d['min']:>8}{d['p50']:>8}{d['p90']:>8}{d['p99']:>8}{d['max']:>8}{d['mean']:>10}")
-    print(f"total tokens: {out['sum_tokens']:,}")
-    print(f"over max_seq_len={max_len}: {over} of {len(rendered)} ({100 * out['over_max_seq_len_share']:.1f}%)"
-          + (f", {prompt_over} with the prompt alone over it (never trained)" if prompt_over else ""))
-    if data_cfg.overlong == "error" and over:
-        print(f"with data.overlong=error: training stops with an error ({over} records over the limit); with drop:")
-    print(f"with data.overlong={data_cfg.overlong}: {kept} examples ({truncated} truncated), {trained_tokens:,} "
-          f"tokens, {loss_tokens:,} carrying loss")
+    print(f"config: {describe_experiment(preset, named)}" + (f"; overrides: {' '.join(overrides)}" if overrides else ""))
+    for s, k in zip(per_source, counts):
+        _print_source(s, cfg.model.path, data, overlong, k if len(per_source) > 1 else None)
+    if len(per_source) > 1:
+        print("mixture: " + ", ".join(f"{sc.name} {k}" for sc, k in zip(sources, counts)) + f" = {kept} examples")
     if out.get("plan_error"):
         print(f"optimizer steps: none, the run would stop: {out['plan_error']}")
         return 0
@@ -273,6 +378,34 @@ def cmd_stats(args: argparse.Namespace) -> int:
           f"{capped} (global batch {out['global_batch']} = {out['bsz']} per device x {out['accum']} accumulation "
           f"x {out['world']} processes)")
     return 0
+
+
+def _print_source(s: dict, model: str, data: DictConfig, overlong: str, drawn: Optional[int]) -> None:
+    max_len = int(data.max_seq_len)
+    head = f"[{s['name']}] " if drawn is not None else ""
+    print(f"{head}{s['path']}: {s['records']} records ({s['format']}), {s['valid']} valid"
+          + (f", {s['invalid']} invalid (skipped)" if s["invalid"] else "")
+          + (f", {s['duplicates']} duplicates" if s["duplicates"] else ""))
+    print(f"tokenizer: {model} (chat template rendering, as in training)")
+    print(f"{'tokens':<22}{'min':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'mean':>10}")
+    for label, key in (("prompt", "prompt_tokens"), ("response (+end turn)", "response_tokens"),
+                       ("total", "total_tokens")):
+        d = s[key]
+        if d:
+            print(f"{label:<22}{d['min']:>8}{d['p50']:>8}{d['p90']:>8}{d['p99']:>8}{d['max']:>8}{d['mean']:>10}")
+    print(f"total tokens: {s['sum_tokens']:,}")
+    n = s["valid"]
+    print(f"over max_seq_len={max_len}: {s['over_max_seq_len']} of {n} ({100 * s['over_max_seq_len_share']:.1f}%)"
+          + (f", {s['prompt_alone_over']} with the prompt alone over it (never trained)" if s["prompt_alone_over"]
+             else "")
+          + (f", {s['over_char_bound']} longer in characters than {max_len} tokens can be (not tokenized whole)"
+             if s["over_char_bound"] else ""))
+    if overlong == "error" and s["over_max_seq_len"]:
+        print(f"with data.overlong=error: training stops with an error ({s['over_max_seq_len']} records over the "
+              "limit); with drop:")
+    print(f"with data.overlong={overlong}: {s['examples_after_policy']} examples ({s['truncated']} truncated), "
+          f"{s['trained_tokens']:,} tokens, {s['loss_tokens']:,} carrying loss"
+          + (f"; {drawn} drawn into the mixture" if drawn is not None else ""))
 
 
 def _run_plan(cfg: DictConfig, tok: Any, use_cache: bool) -> dict:
@@ -300,27 +433,33 @@ def _run_plan(cfg: DictConfig, tok: Any, use_cache: bool) -> dict:
 def cmd_sample(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise DataError(f"--n {args.n} must be >= 1")
-    src, out = Path(args.path), Path(args.out)
+    data = _data_cfg(args)
+    sc = _one_source(data, args.source, "sample")
+    out = Path(args.out)
+    src = Path(str(sc.spec.path))
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise DataError(f"--out {args.out} is the input file; write the sample elsewhere")
-    records, report = load_records(args.path, fields_for(args.fields_preset), on_invalid=args.on_invalid,
-                                   fmt=args.format or "auto")
-    items = read_raw(args.path, args.format or "auto")[0]
-    n = min(args.n, len(records))
+    result = open_scanned(sc, data)
+    report = result.report
+    n = min(args.n, len(result))
     if n < args.n:
-        print(f"note: only {len(records)} valid records; writing all of them", file=sys.stderr)
-    picked = sorted(random.Random(args.seed).sample(range(len(records)), n))
-    rows = [items[records[i].index][0] for i in picked]
+        print(f"note: only {len(result)} valid records; writing all of them", file=sys.stderr)
+    picked = np.asarray(sorted(random.Random(args.seed).sample(range(len(result)), n)), dtype=np.int64)
+    has_spans = len(picked) and int(result.start[picked[0]]) >= 0
+    items = result.source.read(result.index[picked], result.start[picked] if has_spans else None,
+                               result.end[picked] if has_spans else None, result.line[picked])
+    rows = [item.value for item in items]
     jsonl = out.suffix.lower() in (".jsonl", ".ndjson")
-    text = ("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) if jsonl
-            else json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
+    dump = lambda r: json.dumps(r, ensure_ascii=False, default=str)  # noqa: E731 - parquet rows may hold dates
+    text = ("".join(dump(r) + "\n" for r in rows) if jsonl
+            else json.dumps(rows, ensure_ascii=False, indent=2, default=str) + "\n")
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, out)
-    print(f"wrote {n} records (seed {args.seed}) of {report.total} from {args.path} to {out}")
+    print(f"wrote {n} records (seed {args.seed}) of {report.total} from {sc.spec.path} to {out}")
     return 0
 
 
@@ -328,40 +467,55 @@ _GREEN, _DIM, _RESET = "\033[1;32m", "\033[2m", "\033[0m"
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-
-    cfg = _data_cfg(args)
-    with _quiet("medsft.data.records"):
-        records, report = load_records(args.path, cfg.fields, on_invalid="skip", fmt=cfg.format)
-    rec = next((r for r in records if r.index == args.index), None)
-    if rec is None:
+    data = _data_cfg(args)
+    data.on_invalid = "skip"
+    sc = _one_source(data, args.source, "show")
+    with _quiet("medsft.data.records", "medsft.data.dataset"):
+        result = open_scanned(sc, data)
+    report = result.report
+    where = np.flatnonzero(result.index == args.index)
+    if not len(where):
         bad = next((m for m in report.invalid if m.startswith(f"#{args.index} ")), None)
         if bad:
-            raise DataError(f"{args.path}: record {bad}")
-        raise DataError(f"{args.path}: no record #{args.index} (indices 0..{report.total - 1})")
+            raise DataError(f"{report.path}: record {bad}")
+        raise DataError(f"{report.path}: no record #{args.index} (indices 0..{report.total - 1})")
+    rec = result.rows(where)[0]
     tok = _load_tokenizer(args.model)
-    r = render_records(tok, [rec], cfg.response_template, cfg.system_prompt)[0]
+    r = render_records(tok, [rec], data.response_template, data.system_prompt)[0]
+    last_only = data.loss_turns == "last"
+    spans = r.loss_spans()[-1:] if last_only else r.loss_spans()
     status = "no --max-seq-len given: not cut"
-    ids, n_loss_end = r.ids, r.loss_end
+    ids, end = r.ids, len(r.ids)
     if args.max_seq_len:
-        res = apply_length_policy(r, args.max_seq_len, cfg.overlong if cfg.overlong != "error" else "drop", rec)
+        res = apply_length_policy(r, args.max_seq_len, data.overlong if data.overlong != "error" else "drop", rec,
+                                  last_only)
         if res.example is None:
-            status = f"{res.status} at max_seq_len={args.max_seq_len} (data.overlong={cfg.overlong}): never trained"
+            status = f"{res.status} at max_seq_len={args.max_seq_len} (data.overlong={data.overlong}): never trained"
         else:
             ids = res.example["input_ids"]
-            n_loss_end = min(r.loss_end, len(ids))
+            end = len(ids)
             status = f"{res.status} at max_seq_len={args.max_seq_len}"
+    spans = [(s, min(e, end)) for s, e in spans if s < end]
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     dec = lambda xs: tok.decode(xs, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
-    prompt, loss, tail = dec(ids[: r.prompt_len]), dec(ids[r.prompt_len : n_loss_end]), dec(ids[n_loss_end:])
-    n_loss = n_loss_end - r.prompt_len
-    print(f"# {rec.where()} | {args.model} | {len(ids)} tokens: prompt {r.prompt_len} (no loss), "
-          f"{n_loss} carrying loss, {len(ids) - n_loss_end} after the end of turn (no loss) | {status}")
+    n_loss = sum(e - s for s, e in spans)
+    first = spans[0][0] if spans else len(ids)
+    loss_end = spans[-1][1] if spans else len(ids)
+    turns = f", {len(spans)} assistant turns" if len(spans) > 1 else ""
+    print(f"# {rec.where()} | {args.model} | {len(ids)} tokens: prompt {first} (no loss), "
+          f"{n_loss} carrying loss{turns}, {len(ids) - loss_end} after the end of turn (no loss) | {status}")
+    pieces, pos = [], 0
+    for s, e in spans:
+        pieces.append((False, dec(ids[pos:s])))
+        pieces.append((True, dec(ids[s:e])))
+        pos = e
+    pieces.append((False, dec(ids[pos:])))
     if color:
         print(f"# legend: {_DIM}prompt (no loss){_RESET} {_GREEN}trained on (loss){_RESET}")
-        sys.stdout.write(f"{_DIM}{prompt}{_RESET}{_GREEN}{loss}{_RESET}{_DIM}{tail}{_RESET}\n")
+        sys.stdout.write("".join(f"{_GREEN if loss else _DIM}{text}{_RESET}" for loss, text in pieces) + "\n")
     else:
         print("# legend: the text inside [[ ]] carries loss; the rest is context only")
-        sys.stdout.write(f"{prompt}[[{loss}]]{tail}\n")
+        sys.stdout.write("".join(f"[[{text}]]" if loss else text for loss, text in pieces) + "\n")
     return 0
 
 
@@ -385,22 +539,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{check,stats,sample,show}")
     sub.required = True
 
-    p = sub.add_parser("check", help="validate a data file (exit 0 valid, 1 invalid)")
+    p = sub.add_parser("check", help="validate a data source or mixture (exit 0 valid, 1 invalid)")
     _add_common(p)
     p.add_argument("--max-errors", type=int, default=50, help="invalid records listed (default 50)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("stats", help="token lengths, share over max_seq_len, the steps of the run a config composes",
-                       description="medsft data stats: token lengths of a data file as training renders them, the "
+                       description="medsft data stats: token lengths of a data source as training renders them, the "
                                    "share over data.max_seq_len, and the optimizer steps of the run `python "
-                                   "launch.py <overrides> data.path=PATH` would do (the demo preset unless "
+                                   "launch.py <overrides> data.path=SOURCE` would do (the demo preset unless "
                                    "experiment= is given).", epilog=examples_block(STATS_EXAMPLES))
     _add_common(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="Hydra overrides of the run (experiment=local_test, model=tiny_random, data.val_ratio=0, ...)")
-    p.add_argument("--model", default=None, help="model.path (default: the composed config's model)")
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument("--response-template", default=None, help="default: the HuatuoGPT-o1 layout")
+    _add_render(p, model_required=False)
     p.add_argument("--max-seq-len", type=int, default=None, help="data.max_seq_len (default: the config's)")
     p.add_argument("--overlong", default=None, choices=["drop", "truncate", "error"], help="data.overlong")
     p.add_argument("--on-invalid", default=None, choices=["error", "skip"], help="data.on_invalid")
@@ -408,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accum", type=int, default=None, help="train.gradient_accumulation_steps")
     p.add_argument("--world", type=int, default=None, help="processes (GPUs): launcher.num_processes")
     p.add_argument("--epochs", type=int, default=None, help="train.n_epochs")
+    p.add_argument("--num-proc", type=int, default=None, help="tokenizing processes (data.num_proc)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the tokenization cache")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.set_defaults(func=cmd_stats)
@@ -418,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file (.json list, or .jsonl)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--on-invalid", default="error", choices=["error", "skip"])
+    p.add_argument("--source", default=None, help="the mixture source to sample (its name)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("show", help="print one record's training text with the loss-carrying part marked")
@@ -427,19 +579,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=None, help="apply the length policy at this length")
     p.add_argument("--overlong", default=d.overlong, choices=["drop", "truncate", "error"])
     p.add_argument("--color", default="auto", choices=["auto", "always", "never"])
+    p.add_argument("--source", default=None, help="the mixture source to show (its name)")
     p.set_defaults(func=cmd_show)
     return parser
 
 
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    # parse_known_args: `stats` takes key=value overrides before and after its options alike.
     args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    if args.command == "stats":
-        args.overrides += [e for e in extra if not e.startswith("-")]
-        extra = [e for e in extra if e.startswith("-")]
+    # Overrides may come after options (`--model M data.cache_dir=...`): they join the positional ones.
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.targets = list(args.targets) + extra
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -1,5 +1,5 @@
 """The config: typed schemas (schema.py: training; rl.py: stage 2; evaluate.py: `medsft eval`), the checks Hydra
-cannot express (validation.py), command-line overrides checked against the schema (overrides.py), composition
+cannot express (validation.py; data.py for the data group's formats and mixture), command-line overrides checked against the schema (overrides.py), composition
 outside `@hydra.main` (compose.py) and plain-data views of a config (tree.py). Values live in `conf/`."""
 
 from medsft.config.compose import compose, register_configs

@@ -5,19 +5,22 @@
 `<model>` is the last part of `model.path` (`meta-llama/Llama-3.2-1B-Instruct` -> `Llama-3.2-1B-Instruct`,
 `embedded:smollm2-135m-instruct` -> `smollm2-135m-instruct`, `tiny-random:llama` -> `tiny-random-llama`, a local
 folder -> its name), `<data>` the stem of
-`data.path` (`data/demo_data.json` -> `demo_data`); an unset value is left out. `experiment_name=...` on the
-command line names a run exactly.
+`data.path` (`data/demo_data.json` -> `demo_data`), or for a `data.mixture` the data group's name and a short
+hash of its sources (`demo_es_en-1a2b3c`: two mixtures never share a folder); an unset value is left out.
+`experiment_name=...` on the command line names a run exactly.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Any
 
 from omegaconf import OmegaConf
 
 RESOLVER = "medsft_name"
-_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".gz")
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".gz")
 
 
 def slug(value: Any, data_file: bool = False) -> str:
@@ -38,6 +41,11 @@ def experiment_name(prefix: str, root: Any) -> str:
     """`<prefix>_<model>_<data>` for the composed config `root` (see the module doc)."""
     model = slug(OmegaConf.select(root, "model.path", throw_on_missing=False))
     data = slug(OmegaConf.select(root, "data.path", throw_on_missing=False), data_file=True)
+    mixture = OmegaConf.select(root, "data.mixture", throw_on_missing=False)
+    if not data and mixture:
+        sources = json.dumps(OmegaConf.to_container(mixture, resolve=True), sort_keys=True, default=str)
+        name = slug(OmegaConf.select(root, "data.name", throw_on_missing=False)) or "mixture"
+        data = f"{name}-{hashlib.blake2b(sources.encode(), digest_size=3).hexdigest()}"
     return "_".join(part for part in (str(prefix), model, data) if part)
 
 

@@ -34,6 +34,7 @@ SFT_RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool, str]] 
     "optimizer.min_lr_ratio": (0, True, 1, True, "a share of optimizer.learning_rate"),
     "data.max_samples": (0, True, None, True, "0 = all"),
     "data.num_workers": (0, True, None, True, ""),
+    "data.num_proc": (0, True, None, True, "0 = one per CPU core (at most 8)"),
     "train.max_steps": (0, True, None, True, "0 = train.n_epochs over the data"),
     "train.max_consecutive_skips": (1, True, None, True, ""),
     "train.eval_every_n_steps": (0, True, None, True, "0 = only at the end"),

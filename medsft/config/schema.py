@@ -56,8 +56,12 @@ class FieldMap:
 @dataclass
 class DataConfig:
     name: str = MISSING
-    path: str = MISSING
+    path: Optional[str] = MISSING
     format: str = MISSING
+    file_type: str = MISSING
+    split: str = MISSING
+    subset: Optional[str] = MISSING
+    revision: Optional[str] = MISSING
     fields: FieldMap = field(default_factory=FieldMap)
     response_template: str = MISSING
     system_prompt: Optional[str] = MISSING
@@ -68,6 +72,10 @@ class DataConfig:
     val_path: Optional[str] = MISSING
     on_invalid: str = MISSING
     overlong: str = MISSING
+    loss_turns: str = MISSING
+    headers_in_text: str = MISSING
+    mixture: list[Any] = MISSING  # sources: their keys and values are checked by medsft.config.data
+    num_proc: int = MISSING
     packing: bool = MISSING
     group_by_length: bool = MISSING
     num_workers: int = MISSING

@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from medsft.config.data import FILE_TYPES, data_problems
 from medsft.config.evaluate import EVAL_KINDS
 from medsft.config.ranges import (
     betas_problems,
@@ -23,16 +24,18 @@ from medsft.config.rl import ALGORITHMS, BUILTIN_REWARDS, LOSS_TYPES
 from medsft.config.secrets import secret_config_problems
 from medsft.errors import ConfigError
 
-DATA_FORMATS = ("auto", "json", "jsonl", "parquet")
+DATA_FORMATS = ("auto", "json", "jsonl", "parquet")  # file types (rl.data.format)
 ON_INVALID = ("error", "skip")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 _CUSTOM_REWARD = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 _SFT_CHOICES = {
     "stage": ("sft", "rl"),
-    "data.format": DATA_FORMATS,
+    "data.file_type": FILE_TYPES,
     "data.on_invalid": ON_INVALID,
     "data.overlong": ("drop", "truncate", "error"),
+    "data.loss_turns": ("all", "last"),
+    "data.headers_in_text": ("warn", "skip", "error"),
     "optimizer.name": ("adamw",),
     "optimizer.scheduler": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
@@ -72,6 +75,7 @@ def validate(cfg: DictConfig) -> None:
     problems += range_problems(cfg) + non_finite_problems(cfg) + betas_problems(cfg.optimizer.betas)
     problems += launcher_problems(cfg) + experiment_name_problems(cfg.experiment_name) + location_problems(cfg)
     problems += eval_benchmark_problems(cfg.checkpoint.eval_benchmark) + secret_config_problems(cfg)
+    problems += data_problems(cfg.data)
     if cfg.checkpoint.max_ckpts < 1:
         problems.append(f"checkpoint.max_ckpts={cfg.checkpoint.max_ckpts} must be >= 1 (the newest is always kept)")
     if not 0.0 <= cfg.data.val_ratio < 1.0:

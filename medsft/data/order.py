@@ -16,6 +16,7 @@ import torch
 
 from medsft.data.collate import SFTCollator
 from medsft.data.packing import PackedCollator, best_fit_decreasing, packing_stats
+from medsft.data.store import Examples
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,10 @@ class DataOrder:
         self.shuffle = shuffle
 
     @classmethod
-    def from_config(cls, data_cfg, examples: list[dict], seed: int, pad_token_id: int) -> "DataOrder":
-        lengths = [len(ex["input_ids"]) for ex in examples]
+    def from_config(cls, data_cfg, examples: Sequence[dict], seed: int, pad_token_id: int) -> "DataOrder":
+        # medsft.data.store.Examples knows its lengths without building any example; a plain list is measured.
+        lengths = examples.lengths.tolist() if isinstance(examples, Examples) else [len(ex["input_ids"])
+                                                                                      for ex in examples]
         common = {"seed": seed, "shuffle": bool(data_cfg.shuffle)}
         if data_cfg.packing:
             rows = best_fit_decreasing(lengths, int(data_cfg.max_seq_len), seed)

@@ -1,133 +1,312 @@
-"""Load SFT records from JSON / JSONL / parquet, validate the whole file, map fields to `Record`s.
-
-Validation runs over every record before any model work, so a bad file fails in a second with a summary
-that names the file, the record index (0-based), its line (JSON and JSONL) and the field, e.g.
+"""Load and validate records: every record of a source (medsft.data.sources) through its format's adapter
+(medsft.data.formats), before any model work, so a bad source fails in a second with a summary that names the
+file, the record index (0-based), its line (JSON and JSONL) and the field, e.g.
 
     data/x.jsonl: 3 of 1200 records invalid: #17 (line 18) missing 'Respuesta'; #40 (line 41) 'Pregunta' is
     empty; #97 (line 98) 'Respuesta' is a number, expected a string. Fix them, or set data.on_invalid=skip to drop
     them.
 
-Why the standard library's `json` and not `datasets.load_dataset("json")`: pyarrow's JSON reader stops at the
-first bad line of a file without a record index or line, infers one schema for the whole file (a single record
-with a number where text is expected fails or silently coerces the column), and writes an Arrow copy of every
-file to its cache. We need per-record, per-line messages, and parsing is not the bottleneck (~50 MB/s here,
-validation included; tokenization costs 50-100x more). The tokenized result is cached by `medsft.data.dataset`,
-which is where a cache pays. Parquet goes through pyarrow (a dependency of `datasets`): it is typed already.
+`scan` streams: it keeps, per valid record, a few numbers (index, line, byte span, a hash of its text, its
+length in characters), never the records themselves, so a source of any size is validated in bounded memory.
+`load_records` is the same validation returning the `Record`s (small files, the CLI, tests).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
+import numpy as np
+
+from medsft.data.base import MAX_KEPT_MESSAGES, LoadReport, Record, Turn, count_extra, listing, type_name
+from medsft.data.formats import Adapter, FormatOptions, adapter_for, check_format_name, detect_format
+from medsft.data.sources import INVALID, RawItem, Source, SourceSpec, open_source
 from medsft.errors import DataError
+
+__all__ = ["LoadReport", "Record", "Turn", "Scan", "scan", "load_records", "read_raw", "records_key", "digest"]
 
 log = logging.getLogger(__name__)
 
-# How many invalid records an error message lists before "and N more".
-MAX_LISTED = 10
+ON_INVALID = ("error", "skip")
+HEADERS_IN_TEXT = ("warn", "skip", "error")
+
+# Names other modules imported before the record types moved to medsft.data.base.
+_listing = listing
+_type_name = type_name
+
+
+def digest(rec: Record) -> int:
+    """A 64-bit hash of what makes two records duplicates (`Record.key`). Python's own hash: it is compared only
+    within one process (duplicates, train/validation overlap), never stored."""
+    return hash(rec.key()) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 @dataclass
-class Record:
-    """One validated SFT record, with the fields already mapped and stripped of surrounding whitespace."""
+class Scan:
+    """The validated records of one source, as arrays (one entry per valid record, in source order)."""
 
-    question: str
-    reasoning: str
-    response: str
-    source: Optional[str]
-    index: int  # 0-based position in the file (as in error messages: "#17")
-    line: Optional[int]  # 1-based line where the record starts (JSON and JSONL); None for parquet
-    path: Optional[str] = None  # the data file it came from (for messages)
+    source: Source
+    adapter: Adapter
+    report: LoadReport
+    index: np.ndarray  # int64: position in the source
+    line: np.ndarray  # int64: 1-based line, -1 where none
+    start: np.ndarray  # int64: byte span in the file, -1 where none
+    end: np.ndarray
+    digest: np.ndarray  # uint64: hash of the record's text (duplicates, train/validation overlap)
+    chars: np.ndarray  # int64: characters of text the record renders
+    prompt_chars: np.ndarray  # int64: characters before its first assistant turn
+    records: Optional[list[Record]] = None  # with keep=True
+    clashes: list[str] = field(default_factory=list)  # (first messages) records holding the layout's headers
+    stamp: Optional[tuple] = None  # the source file's (size, mtime) when it was opened
 
-    def where(self) -> str:
-        """`data/x.jsonl: record #17 (line 18)` for error messages."""
-        line = f" (line {self.line})" if self.line is not None else ""
-        prefix = f"{self.path}: " if self.path else ""
-        return f"{prefix}record #{self.index}{line}"
+    def __len__(self) -> int:
+        return len(self.index)
 
-    def key(self) -> tuple[str, str, str]:
-        """What makes two records duplicates: the same question, reasoning and response."""
-        return (self.question, self.reasoning, self.response)
-
-
-@dataclass
-class LoadReport:
-    path: str
-    total: int = 0  # records in the file
-    kept: int = 0  # records returned
-    invalid: list[str] = field(default_factory=list)  # one message per invalid record
-    duplicates: int = 0  # records identical (question, reasoning, response) to an earlier one; kept
-    extra_fields: dict[str, int] = field(default_factory=dict)  # unknown key -> records having it; ignored
-    format: str = ""  # json | jsonl | parquet
-    content_hash: str = ""  # blake2b of the file's bytes (cache key)
-
-    def summary(self) -> str:
-        parts = [f"{self.path}: {self.total} records ({self.format})", f"{self.kept} kept"]
-        if self.invalid:
-            parts.append(f"{len(self.invalid)} invalid (skipped)")
-        if self.duplicates:
-            parts.append(f"{self.duplicates} duplicates (kept)")
-        if self.extra_fields:
-            extras = ", ".join(f"{k!r} x{v}" for k, v in sorted(self.extra_fields.items()))
-            parts.append(f"extra fields ignored: {extras}")
-        return "; ".join(parts)
+    def rows(self, positions: Iterable[int]) -> list[Record]:
+        """The records at these positions of the scan (not source indices), read again from the source."""
+        pos = np.asarray(sorted(set(int(p) for p in positions)), dtype=np.int64)
+        if not len(pos):
+            return []
+        return fetch(self.source, self.adapter, self.index[pos], self.start[pos], self.end[pos], self.line[pos])
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    names = {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number", str: "a string"}
-    return names.get(type(value), type(value).__name__)
+def fetch(source: Source, adapter: Adapter, indices, starts, ends, lines) -> list[Record]:
+    """Records at these source indices (sorted), read again and normalised; DataError if the source changed."""
+    has_spans = len(starts) and int(starts[0]) >= 0
+    items = source.read(indices, starts if has_spans else None, ends if has_spans else None, lines)
+    out = []
+    for item in items:
+        if item.value is INVALID:
+            raise DataError(f"{source.path}: record #{item.index} changed while being read ({item.problems})")
+        norm = adapter.normalize(item.value, item.index, None if item.line is None or item.line < 0 else item.line,
+                                 source.path, item.bad_bytes)
+        if norm.record is None:
+            raise DataError(f"{source.path}: record #{item.index} changed while being read: "
+                            + ", ".join(norm.problems))
+        out.append(norm.record)
+    return out
 
 
-def _listing(messages: list[str]) -> str:
-    shown = "; ".join(messages[:MAX_LISTED])
-    more = len(messages) - MAX_LISTED
-    return shown + (f"; and {more} more" if more > 0 else "")
+def _where(item: RawItem) -> str:
+    return f"#{item.index}" + (f" (line {item.line})" if item.line is not None else "")
 
 
-def detect_format(path: str, head: bytes, fmt: str = "auto") -> str:
-    """json | jsonl | parquet, from the extension, else from the first bytes."""
-    if fmt != "auto":
-        return fmt
-    lower = path.lower()
-    if lower.endswith((".jsonl", ".ndjson")):
-        return "jsonl"
-    if lower.endswith((".parquet", ".pq")) or head[:4] == b"PAR1":
-        return "parquet"
-    # .json or anything else: a list is JSON; an object at the start may be JSONL (checked while parsing).
-    return "json"
+def _first_prompt_chars(rec: Record) -> int:
+    if rec.turns is None:
+        return len(rec.question) + len(rec.system or "")
+    n = len(rec.system or "")
+    for t in rec.turns:
+        if t.role == "assistant":
+            break
+        n += len(t.content)
+    return n
 
 
-def _decode_utf8(data: bytes) -> tuple[str, bool]:
-    """Text of the file (BOM dropped) and whether it had invalid UTF-8 (kept as surrogates, found per record)."""
-    try:
-        text, bad = data.decode("utf-8"), False
-    except UnicodeDecodeError:
-        text, bad = data.decode("utf-8", "surrogateescape"), True
-    return (text[1:] if text.startswith("\ufeff") else text), bad
+def scan(
+    source: Source,
+    fmt: str,
+    opts: FormatOptions,
+    on_invalid: str = "error",
+    headers_in_text: str = "warn",
+    keep: bool = False,
+    key: str = "data",
+    sink: Optional[Any] = None,
+) -> Scan:
+    """Validate every record of `source` in format `fmt` (auto: detected from the first record).
+
+    on_invalid="error" raises DataError listing the invalid records; "skip" drops them with a warning. Records
+    whose text holds the response layout's own headers are warned about (headers_in_text=warn), dropped (skip)
+    or refused (error). Duplicates are counted and kept (with a warning); unknown keys are ignored and counted.
+    sink(adapter, index, start, end, line, chars) is called for each valid record as it is found (tokenizing
+    workers start on the first records while the rest are read: medsft.data.tokenize.Pipeline).
+    """
+    top = key.split(".")[0]  # on_invalid and headers_in_text are keys of `data` itself
+    if on_invalid not in ON_INVALID:
+        raise DataError(f"{top}.on_invalid={on_invalid!r} is not one of {list(ON_INVALID)}")
+    if headers_in_text not in HEADERS_IN_TEXT:
+        raise DataError(f"{top}.headers_in_text={headers_in_text!r} is not one of {list(HEADERS_IN_TEXT)}")
+    fmt = check_format_name(fmt, f"{key}.format")
+    path = source.path
+    report = LoadReport(path=path, format=source.kind)
+    cols = {k: array("q") for k in ("index", "line", "start", "end", "chars", "prompt_chars")}
+    digests = array("Q")
+    records: Optional[list[Record]] = [] if keep else None
+    bad: list[str] = []
+    clashes: list[str] = []
+    extra: Counter[str] = Counter()
+    key_sample: Counter[str] = Counter()
+    missing_q = total = 0
+    adapter: Optional[Adapter] = None
+    pending: list[RawItem] = []
+    known: set = set()
+
+    def resolve(first: Any) -> Adapter:
+        name = fmt
+        if fmt == "auto":
+            name = detect_format(first, opts) or "medsft"
+            report.detected = True
+        report.record_format = name
+        return adapter_for(name, opts)
+
+    def handle(item: RawItem) -> None:
+        nonlocal missing_q
+        if item.value is INVALID:
+            _bad(f"{_where(item)} " + ", ".join(item.problems))
+            return
+        norm = adapter.normalize(item.value, item.index, item.line, path, item.bad_bytes)
+        if isinstance(item.value, dict):
+            count_extra(extra, item.value, known)
+            if len(key_sample) < 64:
+                key_sample.update(item.value.keys())
+        if norm.record is None:
+            missing_q += norm.missing_question
+            _bad(f"{_where(item)} " + ", ".join(norm.problems))
+            return
+        rec = norm.record
+        if norm.clash:
+            report.header_clashes += 1
+            if len(clashes) < MAX_KEPT_MESSAGES:
+                clashes.append(f"{_where(item)} {norm.clash}")
+            if headers_in_text == "skip":
+                report.skipped_clashes += 1
+                return
+        cols["index"].append(item.index)
+        cols["line"].append(-1 if item.line is None else item.line)
+        cols["start"].append(item.start)
+        cols["end"].append(item.end)
+        cols["chars"].append(rec.chars())
+        cols["prompt_chars"].append(_first_prompt_chars(rec))
+        digests.append(digest(rec))
+        if records is not None:
+            records.append(rec)
+        if sink is not None:
+            sink(adapter, item.index, item.start, item.end, item.line, cols["chars"][-1])
+
+    def _bad(message: str) -> None:
+        report.n_invalid += 1
+        if len(bad) < MAX_KEPT_MESSAGES:
+            bad.append(message)
+
+    for item in source.items():
+        total += 1
+        if adapter is None:
+            if (item.value is INVALID or not isinstance(item.value, dict)) and len(pending) < 1000:
+                pending.append(item)
+                continue
+            adapter = resolve(item.value if isinstance(item.value, dict) else None)
+            known = adapter.known()
+            for p in pending:
+                handle(p)
+            pending = []
+        handle(item)
+    if adapter is None:  # nothing but invalid items
+        adapter = resolve(None)
+        known = adapter.known()
+        for p in pending:
+            handle(p)
+    report.total = total
+    report.format = source.kind  # a .json file holding JSONL reads as JSONL
+    report.invalid = bad
+    report.extra_fields = dict(extra)
+    arrays = {k: np.frombuffer(v, dtype=np.int64).copy() if len(v) else np.zeros(0, np.int64)
+              for k, v in cols.items()}
+    dig = np.frombuffer(digests, dtype=np.uint64).copy() if len(digests) else np.zeros(0, np.uint64)
+    report.kept = len(dig)
+    report.duplicates = int(len(dig) - len(np.unique(dig))) if len(dig) else 0
+    _report_problems(report, bad, clashes, adapter, missing_q, key_sample, on_invalid, headers_in_text, key,
+                     fmt == "auto")
+    return Scan(source, adapter, report, arrays["index"], arrays["line"], arrays["start"], arrays["end"], dig,
+                arrays["chars"], arrays["prompt_chars"], records, clashes)
+
+
+def _report_problems(report: LoadReport, bad: list[str], clashes: list[str], adapter: Adapter, missing_q: int,
+                     key_sample: Counter, on_invalid: str, headers_in_text: str, key: str, detected: bool) -> None:
+    path, n_bad, total = report.path, report.n_invalid, report.total
+    fmt_note = f" Record format: {adapter.describe()}{', detected from the first record' if detected else ''}."
+    if n_bad:
+        head = f"{path}: {n_bad} of {total} records invalid: {listing(bad, n_bad)}"
+        hint = fmt_note if missing_q != total else ""
+        if missing_q == total:  # the whole source uses other keys: say that first, list only a few
+            preset = "Question" in key_sample and "Complex_CoT" in key_sample
+            head = (
+                f"{path}: no record has {adapter.primary()} of {adapter.describe()} (keys in the file: "
+                f"{sorted(key_sample)[:12]}); "
+                f"map your keys with {key}.fields.question/reasoning/response, or name the record format with "
+                f"{key}.format (medsft | huatuo | messages | sharegpt | alpaca; auto detects it)"
+                + (" or use the preset for HuatuoGPT-o1's English schema (data=huatuo_en; "
+                   "`medsft data ... --fields-preset huatuo_en`)" if preset else "")
+                + f". {n_bad} of {total} records invalid: {listing(bad[:3], n_bad)}"
+            )
+        if any("not valid UTF-8" in b for b in bad):
+            hint += " Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.json > out.json`)."
+        top = key.split(".")[0]
+        if on_invalid == "error" or report.kept == 0:
+            tail = f" Fix them, or set {top}.on_invalid=skip to drop them." if report.kept else ""
+            raise DataError(head + "." + hint + tail)
+        log.warning("%s; skipped (%s.on_invalid=skip)", head, top)
+    if report.header_clashes:
+        n = report.header_clashes
+        what = (f"{path}: {n} of {total} records hold the response layout's own headers in their text, so the "
+                f"trained layout repeats a header and the format check would call it wrong: {listing(clashes, n)}")
+        top = key.split(".")[0]
+        if headers_in_text == "error":
+            raise DataError(what + f". Edit them, or set {top}.headers_in_text=skip to drop them (warn to train "
+                                   "them as they are).")
+        if headers_in_text == "skip":
+            log.warning("%s; skipped (%s.headers_in_text=skip)", what, top)
+            if report.kept == 0:
+                raise DataError(f"{path}: every valid record holds the layout's headers ({top}.headers_in_text=skip)")
+        else:
+            log.warning("%s; trained as they are (%s.headers_in_text=skip drops them, error refuses them)", what, top)
+    if report.duplicates:
+        log.warning("%s: %d duplicate records (the same text as an earlier one); kept", path, report.duplicates)
+    if report.extra_fields:
+        log.info("%s: extra fields ignored: %s", path, report.extra_fields)
+
+
+def load_records(
+    path: str | os.PathLike,
+    fields: Any,
+    on_invalid: str = "error",
+    file_type: str = "auto",
+    record_format: str = "medsft",
+    response_template: Optional[str] = None,
+    headers_in_text: str = "warn",
+) -> tuple[list[Record], LoadReport]:
+    """Load and validate every record of the local file `path`; map `fields` (the `data.fields` node, or a
+    dict) onto `Record`s. record_format: medsft (the field map), huatuo, messages, sharegpt, alpaca, or auto."""
+    if on_invalid not in ON_INVALID:
+        raise DataError(f"data.on_invalid={on_invalid!r} is not one of {list(ON_INVALID)}")
+    source = open_source(SourceSpec(os.fspath(path), file_type))
+    result = scan(source, record_format, FormatOptions.of(fields, response_template), on_invalid, headers_in_text,
+                  keep=True)
+    report = result.report
+    report.content_hash = source.content_hash
+    return result.records, report
 
 
 def _bad_utf8_fields(value: Any) -> list[str]:
-    """Keys of `value` (an item decoded with surrogateescape) whose text holds bytes that are not UTF-8."""
+    """Keys of `value` whose text holds bytes that are not UTF-8 (kept as surrogates); iterative (no recursion)."""
 
     def bad(v: Any) -> bool:
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-            return False
-        if isinstance(v, dict):
-            return any(bad(k) or bad(x) for k, x in v.items())
-        if isinstance(v, list):
-            return any(bad(x) for x in v)
+        stack = [v]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, str):
+                try:
+                    x.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+            elif isinstance(x, dict):
+                stack.extend(x.keys())
+                stack.extend(x.values())
+            elif isinstance(x, list):
+                stack.extend(x)
         return False
 
     if isinstance(value, dict):
@@ -136,304 +315,38 @@ def _bad_utf8_fields(value: Any) -> list[str]:
     return ["(record)"] if bad(value) else []
 
 
-def _parse_json_list(text: str, path: str) -> list[tuple[Any, int]]:
-    """Parse a top-level JSON list element by element, remembering the line each element starts on.
-
-    Element-wise parsing (json's C scanner per element) costs nothing extra and lets a syntax error name the
-    record it is in, not only a line and column.
-    """
-    decoder = json.JSONDecoder()
-    n = len(text)
-    pos = 0
-    ws = " \t\n\r"
-    while pos < n and text[pos] in ws:
-        pos += 1
-    if pos == n:
-        raise DataError(f"{path}: file is empty (expected a JSON list of records, or JSONL)")
-    if text[pos] != "[":
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            if text[pos] == "{" and err.msg == "Extra data":
-                raise _NotAList from None  # several objects: JSONL with a .json name
-            raise DataError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-        keys = f" with keys {sorted(value)[:8]}" if isinstance(value, dict) else ""
-        raise DataError(
-            f"{path}: top-level JSON must be a list of records, got {_type_name(value)}{keys}; "
-            "write `[{...}, {...}]`, or one record per line in a .jsonl file"
-        )
-    items: list[tuple[Any, int]] = []
-    pos += 1
-    line, last = 1 + text.count("\n", 0, pos), pos  # line of `pos`, tracked incrementally
-
-    def line_at(p: int) -> int:
-        nonlocal line, last
-        line, last = line + text.count("\n", last, p), p
-        return line
-
-    def skip_ws(p: int) -> int:
-        while p < n and text[p] in ws:
-            p += 1
-        return p
-
-    pos = skip_ws(pos)
-    if pos < n and text[pos] == "]":
-        raise DataError(f"{path}: the list holds no records")
-    while True:
-        pos = skip_ws(pos)
-        if pos == n:
-            after = f" after record #{len(items) - 1}" if items else ""
-            raise DataError(f"{path}: invalid JSON: the list is not closed (no ']'{after}, line {line_at(pos)})")
-        start_line = line_at(pos)
-        if text[pos] == "]":
-            raise DataError(f"{path}: invalid JSON at line {start_line}: trailing ',' after record #{len(items) - 1}")
-        try:
-            value, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}: invalid JSON in record #{len(items)} (starting line {start_line}) at line {err.lineno} "
-                f"column {err.colno}: {err.msg}"
-            ) from None
-        items.append((value, start_line))
-        pos = skip_ws(pos)
-        if pos < n and text[pos] == ",":
-            pos += 1
-            continue
-        if pos < n and text[pos] == "]":
-            break
-        if pos == n:
-            raise DataError(
-                f"{path}: invalid JSON: the list is not closed (no ']' after record #{len(items) - 1}, "
-                f"line {line_at(pos)})"
-            )
-        found = repr(text[pos:pos + 20])
-        raise DataError(
-            f"{path}: invalid JSON at line {line_at(pos)} after record #{len(items) - 1}: "
-            f"expected ',' or ']' but found {found}"
-        )
-    pos = skip_ws(pos + 1)
-    if pos < n:
-        raise DataError(f"{path}: invalid JSON: extra data after the closing ']' at line {line_at(pos)}")
-    return items
-
-
-class _NotAList(Exception):
-    pass
-
-
-def _parse_jsonl(data: bytes, path: str, problems: dict[int, list[str]]) -> list[tuple[Any, int]]:
-    """One record per non-blank line. Bad lines become per-record problems (so on_invalid=skip can drop them)."""
-    items: list[tuple[Any, int]] = []
-    loads = json.loads
-    raw_lines = data.split(b"\n")
-    if raw_lines and raw_lines[0].startswith(b"\xef\xbb\xbf"):
-        raw_lines[0] = raw_lines[0][3:]
-    for lineno, raw in enumerate(raw_lines, start=1):
-        if not raw.strip():
-            continue
-        index = len(items)
-        try:
-            text, bad_utf8 = raw.decode("utf-8"), False
-        except UnicodeDecodeError:
-            text, bad_utf8 = raw.decode("utf-8", "surrogateescape"), True
-        try:
-            value = loads(text)
-        except json.JSONDecodeError as err:
-            problems[index] = [f"invalid JSON at column {err.colno}: {err.msg}"]
-            items.append((_INVALID, lineno))
-            continue
-        if bad_utf8:
-            problems[index] = [f"{k!r} is not valid UTF-8" for k in _bad_utf8_fields(value) or ["(line)"]]
-            value = _INVALID
-        items.append((value, lineno))
-    if not items:
-        raise DataError(f"{path}: file is empty (no records)")
-    return items
-
-
-_INVALID = object()
-
-
-def _parse_parquet(path: str) -> list[tuple[Any, None]]:
-    try:
-        import pyarrow.parquet as pq  # only for parquet files (its import takes ~0.5 s)
-
-        rows = pq.read_table(path).to_pylist()
-    except Exception as err:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{path}: cannot read parquet: {err}") from None
-    if not rows:
-        raise DataError(f"{path}: file is empty (no records)")
-    return [(row, None) for row in rows]
-
-
 RawItems = list[tuple[Any, Optional[int]]]  # (parsed value or the invalid marker, line)
 
 
 def read_raw(path: str | os.PathLike, fmt: str = "auto") -> tuple[RawItems, dict[int, list[str]], str, str]:
-    """Parse a file into raw items: ([(value, line)], {index: [syntax problems]}, format, content_hash).
+    """Parse a local file into raw items: ([(value, line)], {index: [problems]}, file type, content_hash).
 
-    File-level problems (missing, empty, not a list, broken JSON list, not UTF-8 in a JSON list) raise
-    DataError. Per-line problems of JSONL are returned so that on_invalid=skip can drop those lines.
+    For small files (RL questions): the items are held in memory. File-level problems raise DataError;
+    per-record problems (bad JSONL lines, text that is not UTF-8) are returned so on_invalid=skip can drop them.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file (cwd: {os.getcwd()})")
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory, expected a .json / .jsonl / .parquet file")
-    with open(path, "rb") as fh:
-        data = fh.read()
-    content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
-    if not data.strip():
-        raise DataError(f"{path}: file is empty (expected a JSON list of records, or JSONL)")
-    kind = detect_format(path, data[:8], fmt)
+    source = open_source(SourceSpec(os.fspath(path), fmt))
+    items: RawItems = []
     problems: dict[int, list[str]] = {}
-    if kind == "parquet":
-        items: list = _parse_parquet(path)
-    elif kind == "jsonl":
-        items = _parse_jsonl(data, path, problems)
-    elif kind == "json":
-        text, bad_utf8 = _decode_utf8(data)
-        try:
-            items = _parse_json_list(text, path)
-        except _NotAList:
-            kind = "jsonl"
-            items = _parse_jsonl(data, path, problems)
-        else:
-            if bad_utf8:
-                for index, (value, line) in enumerate(items):
-                    keys = _bad_utf8_fields(value)
-                    if keys:
-                        problems[index] = [f"{k!r} is not valid UTF-8" for k in keys]
-                        items[index] = (_INVALID, line)
-                if not problems:  # outside any record (e.g. between them): a file-level problem
-                    raise DataError(f"{path}: not valid UTF-8 outside the records; save the file as UTF-8")
-    else:
-        raise DataError(f"{path}: unknown data.format={kind!r} (auto | json | jsonl | parquet)")
-    if not items:
-        raise DataError(f"{path}: the list holds no records")
-    return items, problems, kind, content_hash
-
-
-def load_records(
-    path: str | os.PathLike,
-    fields: Any,
-    on_invalid: str = "error",
-    fmt: str = "auto",
-) -> tuple[list[Record], LoadReport]:
-    """Load and validate every record of `path`; map `fields` (the `data.fields` node, or a dict) onto `Record`s.
-
-    on_invalid="error" raises DataError listing the invalid records; "skip" drops them with a warning.
-    Duplicates are counted and kept (with a warning); unknown keys are ignored and counted.
-    """
-    if on_invalid not in ("error", "skip"):
-        raise DataError(f"data.on_invalid={on_invalid!r} is not one of ['error', 'skip']")
-    path = os.fspath(path)
-    fq, fr, fa, fs = _field_names(fields)
-    items, problems, kind, content_hash = read_raw(path, fmt)
-    report = LoadReport(path=path, total=len(items), format=kind, content_hash=content_hash)
-    known = {fq, fr, fa} | ({fs} if fs else set())
-    extra: Counter[str] = Counter()
-    records: list[Record] = []
-    bad: list[str] = []
-    seen: set[tuple[str, str, str]] = set()
-    missing_q = 0
-    key_sample: Counter[str] = Counter()
-    for index, (value, line) in enumerate(items):
-        where = f"#{index}" + (f" (line {line})" if line is not None else "")
-        if value is _INVALID:
-            bad.append(f"{where} " + ", ".join(problems[index]))
-            continue
-        if not isinstance(value, dict):
-            bad.append(f"{where} is {_type_name(value)}, expected an object with {fq!r}, {fr!r}, {fa!r}")
-            continue
-        errs: list[str] = []
-        texts: list[str] = []
-        missing = [name for name in (fq, fr, fa) if name not in value]
-        if missing:
-            errs.append("missing " + ", ".join(repr(m) for m in missing))
-            missing_q += fq in missing
-        for name in (fq, fr, fa):
-            if name in missing:
-                continue
-            v = value[name]
-            if not isinstance(v, str):
-                errs.append(f"{name!r} is {_type_name(v)}, expected a string")
-                continue
-            v = v.strip()
-            if not v:
-                errs.append(f"{name!r} is empty")
-                continue
-            texts.append(v)
-        source = None
-        if fs and value.get(fs) is not None:
-            sv = value[fs]
-            if isinstance(sv, str):
-                source = sv.strip() or None
-            else:
-                errs.append(f"{fs!r} is {_type_name(sv)}, expected a string or null")
-        for k in value:
-            if k not in known:
-                extra[k] += 1
-        if len(key_sample) < 64:
-            key_sample.update(value.keys())
-        if errs:
-            bad.append(f"{where} " + ", ".join(errs))
-            continue
-        rec = Record(texts[0], texts[1], texts[2], source, index, line, path)
-        k = rec.key()
-        if k in seen:
-            report.duplicates += 1
-        else:
-            seen.add(k)
-        records.append(rec)
-    report.invalid = bad
-    report.extra_fields = dict(extra)
-    report.kept = len(records)
-    if bad:
-        head = f"{path}: {len(bad)} of {len(items)} records invalid: {_listing(bad)}"
-        hint = ""
-        if missing_q == len(items):  # the whole file uses other keys: say that first, list only a few
-            preset = "Question" in key_sample and "Complex_CoT" in key_sample
-            head = (
-                f"{path}: no record has the question field {fq!r} (keys in the file: {sorted(key_sample)[:12]}); "
-                "map your keys with data.fields.question/reasoning/response"
-                + (" or use the preset for HuatuoGPT-o1's English schema (data=huatuo_en; "
-                   "`medsft data ... --fields-preset huatuo_en`)" if preset else "")
-                + f". {len(bad)} of {len(items)} records invalid: {_listing(bad[:3])}"
-                + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
-            )
-        if any("not valid UTF-8" in b for b in bad):
-            hint += " Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.json > out.json`)."
-        if on_invalid == "error" or not records:
-            tail = " Fix them, or set data.on_invalid=skip to drop them." if records else ""
-            raise DataError(head + "." + hint + tail)
-        log.warning("%s; skipped (data.on_invalid=skip)", head)
-    if report.duplicates:
-        log.warning(
-            "%s: %d duplicate records (same question, reasoning and response as an earlier one); kept",
-            path,
-            report.duplicates,
-        )
-    if extra:
-        log.info("%s: extra fields ignored: %s", path, dict(extra))
-    return records, report
-
-
-def _field_names(fields: Any) -> tuple[str, str, str, Optional[str]]:
-    """(question, reasoning, response, source) keys of a field map (the `data.fields` node, or a dict)."""
-    def get(name: str) -> Any:
-        return fields.get(name)
-
-    names = tuple(get(n) for n in ("question", "reasoning", "response"))
-    for n, v in zip(("question", "reasoning", "response"), names):
-        if not v or not isinstance(v, str):
-            raise DataError(f"data.fields.{n}={v!r} must name a record key")
-    return names[0], names[1], names[2], get("source") or None
+    for item in source.items():
+        value = item.value
+        if value is INVALID:
+            problems[item.index] = list(item.problems)
+        elif item.bad_bytes:
+            keys = _bad_utf8_fields(value) or ["(record)"]
+            problems[item.index] = [f"{k!r} is not valid UTF-8" for k in keys]
+            value = INVALID
+        items.append((value, item.line))
+    return items, problems, source.kind, source.content_hash
 
 
 def records_key(records: Iterable[Record]) -> str:
-    """A short hash of which records (by file index) were selected; part of the cache key."""
+    """A short hash of which records (by source index) were selected; part of the cache key."""
     h = hashlib.blake2b(digest_size=12)
     for r in records:
-        h.update(r.index.to_bytes(8, "little"))
+        h.update(int(r.index).to_bytes(8, "little"))
     return h.hexdigest()
+
+
+def indices_key(indices: np.ndarray) -> str:
+    """`records_key` of records at these source indices."""
+    return hashlib.blake2b(np.ascontiguousarray(indices, dtype="<i8").tobytes(), digest_size=12).hexdigest()

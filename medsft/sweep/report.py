@@ -412,7 +412,7 @@ def _job_label(job: JobResult, swept: list[str]) -> str:
     return " ".join([head, *parts]) + tail
 
 
-def _curves(jobs: list[JobResult], swept: list[str]) -> list[LossCurve]:
+def _curves(jobs: list[JobResult], swept: list[str]) -> list[charts.LossCurve]:
     """Every job with metrics as a loss curve, in job order."""
     plotted = [job for job in sorted(jobs, key=lambda j: (j.num if j.num is not None else 1 << 30, j.name))
                if job.train or job.val]

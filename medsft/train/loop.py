@@ -28,6 +28,7 @@ from medsft.compute.kernels import forward_loss_sums, setup_kernels
 from medsft.config import to_plain_dict
 from medsft.config.secrets import redact
 from medsft.data.dataset import SFTData, build_sft_data
+from medsft.data.mixture import data_record
 from medsft.data.order import DataOrder, StepPlan
 from medsft.data.render import ensure_chat_template
 from medsft.errors import DataError, TrainingDiverged
@@ -324,6 +325,7 @@ def train(cfg: DictConfig, run_dir: Path) -> Optional[float]:
         if is_main:
             ctx.tracker.start(cfg, run_name=run_name(cfg), config=to_plain_dict(cfg), resume_id=state.wandb_run_id)
         _log_plan(ctx)
+        ctx.metrics.write(data_record(ctx.data.stats))  # examples and tokens per source ("kind": "data")
 
         report = {"val_loss_before": _log_validation(ctx)} if ctx.data.val else {}  # a val point at this step
         before = _generation_check(ctx, "before")

@@ -55,8 +55,8 @@ log = logging.getLogger("medsft.resume")
 IGNORED_CONFIG_KEYS = (
     "defaults", "experiment_name", "output_dir", "log_dir", "push_to_hub", "hf_repo_id", "hub_private",
     "resume", "checkpoint", "logging", "launcher", "generation_check", "sweep",
-    "model.name", "model.cache_dir", "data.name", "data.path", "data.format", "data.val_path", "data.cache_dir",
-    "data.num_workers", "train.eval_every_n_steps", "train.max_consecutive_skips",
+    "model.name", "model.cache_dir", "data.name", "data.path", "data.format", "data.file_type", "data.val_path",
+    "data.cache_dir", "data.num_workers", "data.num_proc", "train.eval_every_n_steps", "train.max_consecutive_skips",
 )
 
 
