@@ -48,7 +48,8 @@ def evaluate_checkpoint(ctx) -> dict | None:
             ctx.checkpoint_eval = (eval_cfg, load_preset_items(eval_cfg))
         eval_cfg, items = ctx.checkpoint_eval
         model = accelerator.unwrap_model(ctx.model)
-        metrics = evaluate_benchmark(model, ctx.tokenizer, items, eval_cfg)
+        with accelerator.autocast():  # the training precision, as the generation check
+            metrics = evaluate_benchmark(model, ctx.tokenizer, items, eval_cfg)
         step = ctx.state.global_step
         figures = {k: metrics[k] for k in ("n", "accuracy", "unparsed_rate", "format_compliance") if k in metrics}
         ctx.metrics.write({"kind": "checkpoint_eval", "step": step, "benchmark": preset, **figures})
