@@ -76,6 +76,7 @@ def data_node(path: Path, max_seq_len: int):
 # (hidden, intermediate, layers, heads, kv heads, model vocab, tokenizer vocab)
 SHAPES = {
     "cpu30m": (512, 1376, 8, 8, 8, 8192, 8192),  # 29.5M parameters
+    "cpu29m_v2k": (512, 1184, 10, 8, 8, 2000, 2000),  # 29.2M: the shape of issue 20's independent measurement
     "gpu1b": (2048, 8192, 16, 32, 8, 128256, 8192),  # Llama-3.2-1B shape, 1.24B parameters
     "tiny": (64, 128, 2, 4, 2, 512, 512),
 }
@@ -84,6 +85,17 @@ log = logging.getLogger("bench")
 
 
 # --------------------------------------------------------------------------------------------------- data
+
+
+def english_first_records(n: int) -> tuple[list[dict], str]:
+    """The first n HuatuoGPT-o1 English demo records in file order (mapped to the Spanish schema)."""
+    if not EN_DEMO.is_file():
+        raise SystemExit(f"--data en_first needs the English HuatuoGPT-o1 demo records: {EN_DEMO} is absent "
+                         "(set MEDSFT_HUATUO_DEMO)")
+    rows = json.loads(EN_DEMO.read_text(encoding="utf-8"))[:n]
+    records = [{"Pregunta": r["Question"], "Razonamiento_Complejo": r["Complex_CoT"], "Respuesta": r["Response"]}
+               for r in rows]
+    return records, f"the first {len(records)} English records of {EN_DEMO}, in file order"
 
 
 def mixed_records() -> tuple[list[dict], str]:
@@ -225,6 +237,7 @@ class Result:
     padding_efficiency: float
     final_loss: Optional[float] = None
     mfu: Optional[float] = None
+    flops: Optional[float] = None  # useful training FLOPs of the timed steps (medsft.compute.flops)
 
     @property
     def tokens_per_s(self) -> float:
@@ -244,28 +257,35 @@ class Bench:
         self.examples = None  # the N examples every mode trains on (token ids + labels)
         self.model_flops = None
 
+    def bf16(self, mode: str) -> bool:
+        return self.cuda or mode.endswith("_bf16")
+
     def overrides(self, mode: str, run: str) -> list[str]:
         a = self.args
+        base_mode = mode.removesuffix("_bf16")
         out = [
             "model=tiny_random", f"model.path={self.model_dir}", "model.dtype=float32",
             f"model.attn_implementation={'flash_attention_2' if self.cuda and a.flash else 'sdpa'}",
             f"data.path={self.data_path}", f"data.max_seq_len={a.seq}", f"data.max_samples={a.examples}",
             "data.val_ratio=0", f"data.cache_dir={self.work / 'data-cache'}",
             f"train.train_bsz_per_gpu={a.bsz}", "train.gradient_accumulation_steps=1", f"train.n_epochs={a.epochs}",
-            f"train.mixed_precision={'bf16' if self.cuda else 'no'}", f"launcher.cpu={'false' if self.cuda else 'true'}",
+            f"train.mixed_precision={'bf16' if self.bf16(mode) else 'no'}",
+            f"launcher.cpu={'false' if self.cuda else 'true'}",
             f"optimizer.learning_rate={a.lr}", "optimizer.warmup_rates=0", "optimizer.scheduler=constant",
             "logging=none", "logging.progress_bar=false", "generation_check.enabled=false",
             f"output_dir={self.work / 'ckpts'}", f"log_dir={self.work / 'logs'}", f"experiment_name=bench-{run}",
             f"seed={a.seed}",
         ]
-        if mode in ("medsft_packed", "medsft_packed_cce"):
+        if base_mode in ("medsft_packed", "medsft_packed_cce"):
             out.append("data.packing=true")
-        if mode == "medsft_grouped":
+        if base_mode in ("medsft_grouped", "medsft_grouped_cce"):
             out.append("data.group_by_length=true")
-        if mode == "medsft_packed_cce" or (mode.startswith("medsft") and a.liger):
+        if base_mode.endswith("_cce") or (mode.startswith("medsft") and a.liger):
             out.append("model.use_liger_kernel=true")
-        if a.compile and mode.startswith("medsft"):
+        if base_mode.endswith("_compile") or (a.compile and mode.startswith("medsft")):
             out.append("model.compile=true")
+        if base_mode.startswith("medsft_padded_cce"):
+            out.append("model.chunked_loss=true")
         return out
 
     def medsft(self, mode: str, rnd: int, warmup_only: bool = False) -> Optional[Result]:
@@ -304,11 +324,12 @@ class Bench:
                 mfu = None
                 if ctx.peak_flops:
                     mfu = window.sums["flops"] / seconds / ctx.peak_flops
+                flops = window.sums["flops"]
             finally:
                 _cleanup(ctx)
                 del ctx
                 reset_accelerate()
-        return Result(mode, rnd, tokens, seconds, steps, mem.peak_mb, tokens / padded, loss, mfu)
+        return Result(mode, rnd, tokens, seconds, steps, mem.peak_mb, tokens / padded, loss, mfu, flops)
 
     def _sync(self):
         if self.cuda:
@@ -347,17 +368,20 @@ class Bench:
                 torch.cuda.synchronize()
 
         extra = {}
-        if mode == "trl_grouped":
+        base_mode = mode.removesuffix("_bf16")
+        if base_mode == "trl_grouped":
             extra["train_sampling_strategy"] = "group_by_length"
+        if base_mode.endswith("_compile"):
+            extra["torch_compile"] = True
         attn = "flash_attention_2" if (self.cuda and a.flash) else "sdpa"
         config = SFTConfig(
             output_dir=str(self.work / "trl" / f"{mode}-{rnd}"), per_device_train_batch_size=a.bsz,
             gradient_accumulation_steps=1, num_train_epochs=a.epochs if not warmup_only else 1,
             learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.1, adam_beta1=0.9,
-            adam_beta2=0.95, max_grad_norm=1.0, padding_free=(mode == "trl_padding_free"),
+            adam_beta2=0.95, max_grad_norm=1.0, padding_free=base_mode.startswith("trl_padding_free"),
             # padding-free refuses max_length (it cannot enforce it); the examples already fit --seq
-            max_length=None if mode == "trl_padding_free" else a.seq,
-            logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=not self.cuda, bf16=self.cuda,
+            max_length=None if base_mode.startswith("trl_padding_free") else a.seq,
+            logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=not self.cuda, bf16=self.bf16(mode),
             seed=a.seed, dataloader_num_workers=0, disable_tqdm=True, **extra,
         )
         with PeakMemory(self.cuda) as mem:
@@ -382,24 +406,46 @@ class Bench:
             return None
         tokens = sum(len(ex["input_ids"]) for ex in self.examples) * a.epochs
         seconds = times["end"] - times["start"]
+        from medsft.compute.flops import ModelFlops, peak_flops
+
+        if self.model_flops is None:
+            from transformers import AutoConfig
+
+            with torch.device("meta"):
+                self.model_flops = ModelFlops.of(AutoModelForCausalLM.from_config(
+                    AutoConfig.from_pretrained(self.model_dir)))
+        flops = self.model_flops.training_flops(tokens, [len(ex["input_ids"]) for ex in self.examples] * a.epochs)
         mfu = None
         if self.cuda:
-            from medsft.compute.flops import ModelFlops, peak_flops
-
-            if self.model_flops is None:
-                with torch.device("meta"):
-                    from transformers import AutoConfig
-
-                    self.model_flops = ModelFlops.of(AutoModelForCausalLM.from_config(
-                        AutoConfig.from_pretrained(self.model_dir)))
-            flops = self.model_flops.training_flops(tokens, [len(ex["input_ids"]) for ex in self.examples] * a.epochs)
             peak = peak_flops(torch.cuda.get_device_name(), "bf16")
             mfu = flops / seconds / peak if peak else None
         return Result(mode, rnd, tokens, seconds, times.get("steps", 0), mem.peak_mb,
-                      stats["real"] / max(stats["computed"], 1), float(output.training_loss), mfu)
+                      stats["real"] / max(stats["computed"], 1), float(output.training_loss), mfu, flops)
 
     def run(self, mode: str, rnd: int, warmup_only: bool = False) -> Optional[Result]:
         return (self.medsft if mode.startswith("medsft") else self.trl)(mode, rnd, warmup_only)
+
+
+# ------------------------------------------------------------------------------------------- GEMM peak
+
+
+def gemm_peak(dtype_name: str, size: int = 2048, seconds: float = 2.0) -> float:
+    """This machine's measured matmul peak (FLOP/s) in fp32 or bf16: the best of timed [size, size] x
+    [size, size] products with torch's current thread count. The ceiling each configuration's achieved FLOP/s
+    is compared with (on CPU there is no spec sheet to read it from)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    for _ in range(3):
+        a @ b
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
 
 
 # ------------------------------------------------------------------------------------- GPU equivalence
@@ -533,6 +579,14 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--work-dir", default=None, help="models/caches (default: a temp dir; models are reused there)")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--precision", choices=("fp32", "bf16", "both"), default=None,
+                   help="CPU: fp32 modes, bf16 modes (medsft train.mixed_precision=bf16, TRL bf16=True; suffix _bf16) "
+                        "or both (default: both where the CPU has native bf16 units, else fp32)")
+    p.add_argument("--workload", choices=("synthetic", "smollm2"), default="synthetic",
+                   help="synthetic: a random Llama of --shape; smollm2: the embedded SmolLM2-135M (vocab 49k)")
+    p.add_argument("--data", choices=("mixed", "en_first"), default="mixed",
+                   help="mixed: English + Spanish demo records; en_first: the first --examples English records")
+    p.add_argument("--no-gemm", dest="gemm", action="store_false", help="skip measuring the GEMM peaks")
     a = p.parse_args(argv)
     if a.smoke:
         d = dict(shape="tiny", seq=4096, bsz=2, examples=6, epochs=1, rounds=1, prep=60)
@@ -548,12 +602,20 @@ def parse_args(argv=None):
     a.rounds = a.rounds or d["rounds"]
     a.prep_records = d["prep"] if a.prep_records is None else a.prep_records
     a.modes = [m for m in a.modes.split(",") if m] + (list(EXTRA_MODES) if a.extra else [])
+    if a.precision is None:
+        from medsft.hardware import cpu_bf16_flags
+
+        a.precision = "both" if (not a.gpu and cpu_bf16_flags() and not a.smoke) else "fp32"
+    if not a.gpu and a.precision != "fp32":
+        plain = [m for m in a.modes if not m.endswith("_bf16")]
+        bf16 = [f"{m}_bf16" for m in plain]
+        a.modes = bf16 if a.precision == "bf16" else plain + [m for m in bf16 if m not in a.modes]
     if a.gpu and a.liger is False and "medsft_packed_cce" not in a.modes:
         a.modes.append("medsft_packed_cce")  # the memory goal compares it with medsft_packed
     return a
 
 
-def summarize(results: list[Result], modes: list[str]) -> list[dict]:
+def summarize(results: list[Result], modes: list[str], peaks: Optional[dict] = None) -> list[dict]:
     by_mode = {m: [r for r in results if r.mode == m] for m in modes}
     rounds = sorted({r.round for r in results})
     rows = []
@@ -574,25 +636,35 @@ def summarize(results: list[Result], modes: list[str]) -> list[dict]:
             "peak_mem_mb": round(statistics.median(r.peak_mem_mb for r in rs), 1),
             "final_loss": round(statistics.median(r.final_loss for r in rs), 4) if rs[0].final_loss is not None else None,
             "mfu": round(statistics.median(r.mfu for r in rs), 4) if rs[0].mfu is not None else None,
+            "gflops_best": round(max(r.flops / r.seconds for r in rs) / 1e9, 2) if rs[0].flops else None,
+            "of_gemm_peak": (round(max(r.flops / r.seconds for r in rs) / peaks["bf16" if m.endswith("_bf16") else "fp32"],
+                                   3) if (rs[0].flops and peaks) else None),
             "vs_trl_padded": round(max(tps) / max(b.tokens_per_s for b in base), 3) if base else None,
             "vs_trl_padded_per_round_median": round(statistics.median(ratio), 3) if ratio else None,
         })
-    if trl_modes and med_modes:
+    def best_vs_best(name: str, med: list[str], trl: list[str]) -> None:
+        if not (med and trl):
+            return
         per_round = []
         for rnd in rounds:
-            best_m = max((r.tokens_per_s for r in results if r.round == rnd and r.mode in med_modes), default=None)
-            best_t = max((r.tokens_per_s for r in results if r.round == rnd and r.mode in trl_modes), default=None)
+            best_m = max((r.tokens_per_s for r in results if r.round == rnd and r.mode in med), default=None)
+            best_t = max((r.tokens_per_s for r in results if r.round == rnd and r.mode in trl), default=None)
             if best_m and best_t:
                 per_round.append(best_m / best_t)
         # Best of rounds: load from other processes only ever slows a run down, so each mode's fastest round is
         # the least disturbed estimate (timeit's rule); the per-round ratios are shown too.
-        med_best = max(med_modes, key=lambda m: max(r.tokens_per_s for r in by_mode[m]))
-        trl_best = max(trl_modes, key=lambda m: max(r.tokens_per_s for r in by_mode[m]))
+        med_best = max(med, key=lambda m: max(r.tokens_per_s for r in by_mode[m]))
+        trl_best = max(trl, key=lambda m: max(r.tokens_per_s for r in by_mode[m]))
         best_ratio = max(r.tokens_per_s for r in by_mode[med_best]) / max(r.tokens_per_s for r in by_mode[trl_best])
-        rows.append({"bench": "throughput", "config": "best_vs_best", "medsft_best": med_best, "trl_best": trl_best,
+        rows.append({"bench": "throughput", "config": name, "medsft_best": med_best, "trl_best": trl_best,
                      "ratio_best_of_rounds": round(best_ratio, 3),
-                     "ratio_median_of_rounds": round(statistics.median(per_round), 3),
+                     "ratio_median_of_rounds": round(statistics.median(per_round), 3) if per_round else None,
                      "ratio_rounds": [round(x, 3) for x in per_round]})
+
+    best_vs_best("best_vs_best", med_modes, trl_modes)
+    if any(m.endswith("_bf16") for m in med_modes + trl_modes):  # the same without bf16 on either side
+        best_vs_best("best_vs_best_fp32", [m for m in med_modes if not m.endswith("_bf16")],
+                     [m for m in trl_modes if not m.endswith("_bf16")])
     goals = {}
     if by_mode.get("medsft_packed") and by_mode.get("medsft_padded"):
         goals["packed_over_padded"] = round(statistics.median(_paired(by_mode["medsft_packed"], by_mode["medsft_padded"],
@@ -615,19 +687,22 @@ def _paired(a: list[Result], b: list[Result], value) -> list[float]:
 
 def print_table(rows: list[dict], prep: list[dict], header: str) -> None:
     print("\n" + header)
-    print(f"{'config':<20} {'tok/s best':>10} {'tok/s median':>12} {'vs trl_padded':>14} {'pad eff':>8} "
-          f"{'peak MB':>9} {'steps':>6} {'loss':>8} {'MFU':>7}")
+    print(f"{'config':<26} {'tok/s best':>10} {'tok/s median':>12} {'vs trl_padded':>14} {'pad eff':>8} "
+          f"{'peak MB':>9} {'steps':>6} {'loss':>8} {'MFU':>7} {'GFLOP/s':>8} {'of peak':>8}")
     for r in rows:
-        if r["config"] in ("best_vs_best", "goals"):
+        if r["config"] in ("best_vs_best", "best_vs_best_fp32", "goals"):
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         ratio = f"{r['vs_trl_padded']:.2f}x" if r["vs_trl_padded"] is not None else "-"
         loss = f"{r['final_loss']:.3f}" if r["final_loss"] is not None else "-"
-        print(f"{r['config']:<20} {r['tokens_per_s_best']:>10.1f} {r['tokens_per_s']:>12.1f} {ratio:>14} "
-              f"{r['padding_efficiency']:>8.3f} {r['peak_mem_mb']:>9.0f} {r['steps']:>6} {loss:>8} {mfu:>7}")
+        gflops = f"{r['gflops_best']:.1f}" if r.get("gflops_best") is not None else "-"
+        peak = f"{r['of_gemm_peak']:.1%}" if r.get("of_gemm_peak") is not None else "-"
+        print(f"{r['config']:<26} {r['tokens_per_s_best']:>10.1f} {r['tokens_per_s']:>12.1f} {ratio:>14} "
+              f"{r['padding_efficiency']:>8.3f} {r['peak_mem_mb']:>9.0f} {r['steps']:>6} {loss:>8} {mfu:>7} "
+              f"{gflops:>8} {peak:>8}")
     for r in rows:
-        if r["config"] == "best_vs_best":
-            print(f"best medsft ({r['medsft_best']}) / best TRL ({r['trl_best']}): {r['ratio_best_of_rounds']:.2f}x "
+        if r["config"] in ("best_vs_best", "best_vs_best_fp32"):
+            print(("fp32 only: " if r["config"].endswith("fp32") else "") + f"best medsft ({r['medsft_best']}) / best TRL ({r['trl_best']}): {r['ratio_best_of_rounds']:.2f}x "
                   f"best of rounds; per-round ratios of the best modes {r['ratio_rounds']} "
                   f"(median {r['ratio_median_of_rounds']:.2f}x)")
         if r["config"] == "goals":
@@ -667,10 +742,19 @@ def main(argv=None) -> int:
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="medsft-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    records, data_note = mixed_records()
-    data_path = work / "mixed.json"
+    if args.data == "en_first":
+        records, data_note = english_first_records(args.examples or 16)
+    else:
+        records, data_note = mixed_records()
+    data_path = work / f"{args.data}.json"
     data_path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    model_dir = build_model(work / f"model-{args.shape}", args.shape, records)
+    if args.workload == "smollm2":
+        from medsft.models import prepare_embedded_smollm2
+
+        model_dir = prepare_embedded_smollm2()
+        args.shape = "smollm2-135m"
+    else:
+        model_dir = build_model(work / f"model-{args.shape}", args.shape, records)
     if args.examples == 0:
         args.examples = len(records)
     env = {"bench": "env", "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -686,6 +770,12 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     print(json.dumps(env), flush=True)
+    peaks = {}
+    if args.gemm and not (args.gpu and torch.cuda.is_available()):
+        peaks = {name: gemm_peak(name) for name in ("fp32", "bf16")}
+        print(json.dumps({"bench": "gemm_peak", "threads": torch.get_num_threads(),
+                          **{f"{k}_gflops": round(v / 1e9, 1) for k, v in peaks.items()}}), flush=True)
+    args.peaks = peaks
 
     bench = Bench(args, work, model_dir, data_path)
     if bench.cuda:
@@ -709,7 +799,7 @@ def main(argv=None) -> int:
             results.append(result)
             line = {"bench": "throughput_round", **asdict(result), "tokens_per_s": round(result.tokens_per_s, 1)}
             print(json.dumps(line), flush=True)
-    rows = summarize(results, args.modes)
+    rows = summarize(results, args.modes, args.peaks)
     prep = bench_data_prep(args, work, model_dir, records) if args.prep_records else []
     if prep:
         m = next(r for r in prep if r["config"] == "medsft_build_sft_data")
@@ -719,6 +809,9 @@ def main(argv=None) -> int:
     lines = rows + prep
     header = (f"== medsft vs TRL: {args.shape} model, seq {args.seq}, {args.bsz} rows/micro-batch, {args.examples} "
               f"examples x {args.epochs} epoch(s), {args.rounds} rounds, {env['device']} ==")
+    if args.peaks:
+        header += ("\nmeasured GEMM peak of this machine: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s"
+                                                                    for k, v in args.peaks.items()))
     print_table(rows, [r for r in prep if r["config"] != "ratio"], header)
     for line in lines:
         print(json.dumps(line), flush=True)

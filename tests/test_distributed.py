@@ -33,7 +33,7 @@ from medsft.errors import ConfigError
 from medsft.train import checkpoint as ckpt
 from medsft.outputs import read_records as read_metrics
 from medsft.train.optim import lr_multiplier
-from train_utils import CONF, ROOT, compose_cfg, launch, tiny_overrides, train_in_process
+from train_utils import CONF, ROOT, launch, tiny_overrides, train_in_process
 
 RUN_TIMEOUT_S = 420  # a hang at exit fails the test instead of blocking the suite
 NAN_STEP = 3

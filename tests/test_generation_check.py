@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from train_utils import compose_cfg, train_in_process
+from train_utils import train_in_process
 
 from medsft.config import validate
 from medsft.errors import ConfigError
@@ -50,10 +50,13 @@ def test_before_after_check_runs_and_reports(tmp_path, capsys, caplog):
         assert row["repetition_penalty"] == 1.3
         answers = [r["answer"] for r in files[when]]
         assert row["mean_answer_chars"] == pytest.approx(sum(map(len, answers)) / 3)
+        languages = [r["language"] for r in files[when]]  # each answer's language, and their count
+        assert set(languages) <= {"es", "en", "unknown"} and row["n_spanish"] == languages.count("es")
 
     summary = next(r for r in records if r["kind"] == "summary")
     assert summary["format_compliance_before"] == 0.0 and summary["format_compliance_after"] == 0.0
     assert summary["mean_answer_chars_after"] == gen["after"]["mean_answer_chars"]
+    assert summary["answers_in_spanish_after"] == gen["after"]["n_spanish"] / 3
     assert summary["val_loss_drop"] == pytest.approx(1 - summary["val_loss_after"] / summary["val_loss_before"])
     assert summary["val_loss_after"] < summary["val_loss_before"]  # lr 3e-3 on the tiny model does learn
 
@@ -62,7 +65,7 @@ def test_before_after_check_runs_and_reports(tmp_path, capsys, caplog):
     assert "BASE MODEL (before)" in out and "FINE-TUNED (after)" in out
     assert "Held-out question: " + first["question"][:30] in out.replace("\n", " ")
     assert "format_compliance_before" in out and "val_loss_drop" in out
-    assert "0% (0/3 held-out questions, greedy, repetition penalty 1.3)" in caplog.text
+    assert "0% (0/3 held-out questions, greedy, repetition penalty 1.3), answers in Spanish" in caplog.text
 
 
 def test_side_by_side_cuts_each_answer():

@@ -32,6 +32,7 @@ def _common(tmp_path: Path, models_cache_dir: Path, name: str) -> list[str]:
     return [
         "stage=rl",
         "model=tiny_random",
+        "train.mixed_precision=no",  # fp32 whatever the CPU (auto = bf16 on a CPU with native bf16 units)
         f"model.cache_dir={models_cache_dir}",
         f"output_dir={tmp_path / 'ckpts'}",
         f"log_dir={tmp_path / 'logs'}",

@@ -24,7 +24,8 @@ def tiny(tmp_path: Path, models_cache_dir: Path, tiny_model_dir: str):
 
     def overrides(max_steps: int = 2) -> list[str]:
         return [
-            "model=tiny_random", "logging=none", "logging.progress_bar=false", "generation_check.enabled=false",
+            "model=tiny_random", "train.mixed_precision=no", "logging=none", "logging.progress_bar=false",
+            "generation_check.enabled=false",
             f"train.max_steps={max_steps}", "train.train_bsz_per_gpu=2", "data.max_samples=16",
             "data.overlong=truncate", f"model.cache_dir={models_cache_dir}", f"data.cache_dir={tmp_path / 'data'}",
             f"output_dir={tmp_path / 'ckpts'}", f"log_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",

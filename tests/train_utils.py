@@ -35,6 +35,9 @@ def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:
         "train.gradient_accumulation_steps=1",
         "train.n_epochs=1",
         "logging.progress_bar=false",
+        # fp32 whatever the CPU: bitwise resume and loss-equality assertions hold in fp32 (auto = bf16 on a CPU
+        # with native bf16 units).
+        "train.mixed_precision=no",
         *extra,
     ]
 

@@ -25,6 +25,7 @@ from transformers import GenerationConfig
 from medsft.data.render import end_of_turn_ids, prompt_ids
 from medsft.errors import ConfigError
 from medsft.eval.format import check_format
+from medsft.eval.language import language_counts
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +187,12 @@ def generate_responses(
 
 
 def summarize_generations(texts: list[str], tokenizer: Any = None) -> dict:
-    """n, n_compliant, format_compliance (rate), has_thinking / has_final (rates), mean_chars, and mean_tokens
-    when a tokenizer is given (answers re-tokenized without special tokens)."""
+    """n, n_compliant, format_compliance (rate), has_thinking / has_final (rates), mean_chars, n_spanish /
+    n_english (answers written in each, medsft.eval.language), and mean_tokens when a tokenizer is given (answers
+    re-tokenized without special tokens)."""
     n = len(texts)
     checks = [check_format(t) for t in texts]
+    languages = language_counts(texts)
     out = {
         "n": n,
         "n_compliant": sum(c.compliant for c in checks),
@@ -197,6 +200,8 @@ def summarize_generations(texts: list[str], tokenizer: Any = None) -> dict:
         "has_thinking": sum(c.has_thinking for c in checks) / n if n else 0.0,
         "has_final": sum(c.has_final for c in checks) / n if n else 0.0,
         "mean_chars": sum(len(t) for t in texts) / n if n else 0.0,
+        "n_spanish": languages["es"],
+        "n_english": languages["en"],
     }
     if tokenizer is not None:
         lens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts] if n else []

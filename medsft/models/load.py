@@ -37,6 +37,7 @@ from transformers.utils import is_flash_attn_2_available
 from medsft.config import TinyModelShape
 from medsft.errors import ConfigError, ModelSourceError
 from medsft.models.adapters import adapter_base_reference, attach_adapter, is_adapter_dir, merge_adapter
+from medsft.hardware import cpu_bf16_flags
 from medsft.models.embedded import EMBEDDED_SMOLLM2, prepare_embedded_smollm2
 from medsft.models.files import model_dir_problems
 from medsft.models.pad_token import ensure_pad_token
@@ -50,14 +51,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def torch_dtype(name: str, inference_device: Optional[torch.device] = None) -> torch.dtype:
     """`model.dtype` as a torch dtype. "auto" is float32 for training (fp32 master weights; mixed precision does
-    the rest); for inference on `inference_device` it is bf16 on a GPU that supports it, else float32."""
+    the rest); for inference on `inference_device` it is bf16 on a GPU that supports it or on a CPU with native
+    bf16 units (medsft.hardware), else float32."""
     if name in DTYPES:
         return DTYPES[name]
     if name != "auto":
         raise ModelSourceError(f"model.dtype={name!r} is not one of {['auto', *DTYPES]}")
-    if inference_device is not None and inference_device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    if inference_device is None:
+        return torch.float32
+    if inference_device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_bf16_flags() else torch.float32
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

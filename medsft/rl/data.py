@@ -22,7 +22,6 @@ import logging
 import os
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from datasets import Dataset

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from medsft.errors import ConfigError
 from medsft.runtime.deepspeed import build_deepspeed_plugin
+from medsft.hardware import cpu_bf16_flags
 from medsft.runtime.fsdp import (adopt_fsdp_on_cpu, build_fsdp_plugin, is_fsdp, launched_with_fsdp_env, prepare_fsdp,
                                  retie)
 
@@ -29,12 +30,28 @@ def use_cpu(cfg: DictConfig) -> bool:
 
 
 def resolve_mixed_precision(cfg: DictConfig, cpu: bool) -> str:
+    """train.mixed_precision with `auto` resolved: bf16 on a GPU that supports it and on a CPU with native bf16
+    matrix units (medsft.hardware), else no (fp32). Master weights and optimizer state stay fp32."""
     wanted = cfg.train.mixed_precision
     if wanted != "auto":
         return wanted
-    if not cpu and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
+    if cpu:
+        return "bf16" if cpu_bf16_flags() else "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "no"
+
+
+def describe_mixed_precision(cfg: DictConfig, cpu: bool) -> str:
+    """The log line's account of the resolved precision, naming what `auto` detected."""
+    resolved = resolve_mixed_precision(cfg, cpu)
+    label = "bf16 autocast" if resolved == "bf16" else ("fp16 autocast" if resolved == "fp16" else "fp32")
+    if cfg.train.mixed_precision != "auto":
+        return f"{label} (train.mixed_precision={cfg.train.mixed_precision})"
+    if cpu:
+        found = cpu_bf16_flags()
+        why = f"this CPU has {', '.join(found)}" if found else "this CPU has no native bf16 units (amx_bf16, avx512_bf16)"
+    else:
+        why = "this GPU supports bf16" if resolved == "bf16" else "this GPU has no bf16"
+    return f"{label} (train.mixed_precision=auto: {why})"
 
 
 def _launched_with_deepspeed_env() -> bool:

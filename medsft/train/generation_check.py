@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from medsft.eval.format import check_format
 from medsft.eval.generate import generate_responses, summarize_generations
+from medsft.eval.language import answer_language
 from medsft.eval.report import decoding_label
 from medsft.eval.worker import run_worker
 from medsft.runtime.fsdp import is_fsdp
@@ -50,14 +51,15 @@ def _answers_here(ctx, questions: list[str]) -> list[str]:
     model = ctx.accelerator.unwrap_model(ctx.model)
     was_training = model.training
     model.eval()
-    texts = generate_responses(
-        model, ctx.tokenizer, questions,
-        max_new_tokens=cfg.generation_check.max_new_tokens,
-        batch_size=cfg.generation_check.batch_size,
-        system_prompt=cfg.data.system_prompt,
-        progress=cfg.logging.progress_bar and ctx.accelerator.is_main_process,
-        repetition_penalty=cfg.generation_check.repetition_penalty,
-    )
+    with ctx.accelerator.autocast():  # the training precision: bf16 where the run trains in bf16
+        texts = generate_responses(
+            model, ctx.tokenizer, questions,
+            max_new_tokens=cfg.generation_check.max_new_tokens,
+            batch_size=cfg.generation_check.batch_size,
+            system_prompt=cfg.data.system_prompt,
+            progress=cfg.logging.progress_bar and ctx.accelerator.is_main_process,
+            repetition_penalty=cfg.generation_check.repetition_penalty,
+        )
     if was_training:
         model.train()
     return texts
@@ -111,22 +113,24 @@ def _report(ctx, when: str, records, texts: list[str]) -> dict:
     cfg = ctx.cfg
     summary = summarize_generations(texts)
     result = {"format_compliance": summary["format_compliance"], "n_compliant": summary["n_compliant"],
-              "mean_chars": summary["mean_chars"], "n": summary["n"], "texts": texts}
+              "mean_chars": summary["mean_chars"], "n": summary["n"], "n_spanish": summary["n_spanish"],
+              "texts": texts}
     with (ctx.run_dir / f"generations_{when}.jsonl").open("w", encoding="utf-8") as handle:
         for record, text in zip(records, texts):
             handle.write(json.dumps({"index": record.index, "question": record.question, "answer": text,
-                                     "compliant": check_format(text).compliant}, ensure_ascii=False) + "\n")
+                                     "compliant": check_format(text).compliant,
+                                     "language": answer_language(text)}, ensure_ascii=False) + "\n")
     figures = {"kind": "generation", "when": when, "step": ctx.state.global_step,
                "format_compliance": result["format_compliance"], "mean_answer_chars": result["mean_chars"],
                "n_questions": result["n"], "n_compliant": result["n_compliant"],
-               "repetition_penalty": cfg.generation_check.repetition_penalty}
+               "n_spanish": result["n_spanish"], "repetition_penalty": cfg.generation_check.repetition_penalty}
     ctx.metrics.write(figures)
     ctx.tracker.log({f"gen/{when}/format_compliance": result["format_compliance"],
                      f"gen/{when}/mean_answer_chars": result["mean_chars"]}, step=ctx.state.global_step)
-    log.info("%s training: format compliance %.0f%% (%d/%d held-out questions, %s), mean answer %d chars",
-             when, 100 * result["format_compliance"], result["n_compliant"], result["n"],
+    log.info("%s training: format compliance %.0f%% (%d/%d held-out questions, %s), answers in Spanish %d/%d, "
+             "mean answer %d chars", when, 100 * result["format_compliance"], result["n_compliant"], result["n"],
              decoding_label({"repetition_penalty": cfg.generation_check.repetition_penalty}),
-             result["mean_chars"])
+             result["n_spanish"], result["n"], result["mean_chars"])
     if when == "before":
         ctx.generation_before = result
     else:

@@ -35,8 +35,8 @@ from medsft.errors import DataError, TrainingDiverged
 from medsft.models import apply_peft, load_model, load_tokenizer, torch_dtype
 from medsft.outputs import MetricsFile
 from medsft.plots import plot_curves
-from medsft.runtime.accelerator import (build_accelerator, loss_scale_for, micro_batch_sync,
-                                        prepare_model_and_optimizer)
+from medsft.runtime.accelerator import (build_accelerator, describe_mixed_precision, loss_scale_for,
+                                        micro_batch_sync, prepare_model_and_optimizer)
 from medsft.runtime.deepspeed import deepspeed_step_applied, nonfinite_backward_loss
 from medsft.runtime.quiet import quiet_checkpoint_save
 from medsft.testing import faults  # TEST-ONLY fault injection hooks, inert unless $MEDSFT_TEST_FAULTS is set
@@ -98,7 +98,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> RunContext:
     is_main = accelerator.is_main_process
     checkpoint_eval = prepare_checkpoint_eval(cfg)  # checkpoint.eval_benchmark resolved now, not at a checkpoint
     log.info("processes: %d, device: %s, mixed precision: %s", accelerator.num_processes, accelerator.device,
-             accelerator.mixed_precision)
+             describe_mixed_precision(cfg, accelerator.device.type == "cpu"))
 
     tokenizer = load_tokenizer(cfg.model)
     ensure_chat_template(tokenizer)
@@ -449,6 +449,7 @@ def _summarize(ctx: RunContext, report: dict, before: Optional[dict], after: Opt
     for tag, result in (("before", before), ("after", after)):
         if result:
             figures[f"format_compliance_{tag}"] = result["format_compliance"]
+            figures[f"answers_in_spanish_{tag}"] = result["n_spanish"] / result["n"] if result["n"] else 0.0
             figures[f"mean_answer_chars_{tag}"] = result["mean_chars"]
     summary = ctx.metrics.write_summary(figures, objective)
     ctx.tracker.summary(summary)
