@@ -68,6 +68,12 @@ def test_before_after_check_runs_and_reports(tmp_path, capsys, caplog):
     assert "0% (0/3 held-out questions, greedy, repetition penalty 1.3), answers in Spanish" in caplog.text
 
 
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch):
+    """The side-by-side is as wide as the terminal (80..160 columns): the assertions read it at 120."""
+    monkeypatch.setenv("COLUMNS", "120")
+
+
 def test_side_by_side_cuts_each_answer():
     text = side_by_side("¿Pregunta?", "a" * 100, "## Thinking\n\nbreve", max_chars=30)
     lines = text.splitlines()
