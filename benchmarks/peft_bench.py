@@ -1,7 +1,7 @@
 """Full fine-tuning against LoRA (r=16, r=64) and, on a GPU, QLoRA: trainable parameters, peak memory, step time
 and checkpoint size, side by side in one invocation on the same data, steps and settings.
 
-    python benchmarks/peft_bench.py                 # CPU: SmolLM2-135M (embedded), 88 Spanish records, seq 512, 8 steps
+    python benchmarks/peft_bench.py                 # CPU: SmolLM2-135M (embedded), 132 Spanish records, seq 512, 8 steps
     python benchmarks/peft_bench.py --gpu           # one CUDA GPU: ~1B Llama shape (random), seq 2048, bf16, + QLoRA
     python benchmarks/peft_bench.py --smoke         # seconds: tiny random model, 2 steps (tests/test_peft.py runs it)
 
@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--work-dir", default=None, help="models, checkpoints (default: a temp dir)")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every configuration (e.g. model.gradient_checkpointing=true)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one configuration, in a subprocess
     a = p.parse_args(argv)
     default_configs = "full,lora_r16,lora_r64" + (",qlora_r16" if a.gpu else "")
@@ -94,7 +96,7 @@ def overrides(args, work: Path, name: str) -> list[str]:
         f"experiment_name={name}", f"data.max_seq_len={args.seq}", "data.overlong=truncate", "data.val_ratio=0",
         f"data.cache_dir={work / 'data-cache'}", f"train.train_bsz_per_gpu={args.bsz}",
         "train.gradient_accumulation_steps=1", f"train.max_steps={args.steps}", f"optimizer.learning_rate={args.lr}",
-        "optimizer.warmup_rates=0", "checkpoint.max_ckpts=1", "model.chunked_loss=true",
+        "optimizer.warmup_rates=0", "checkpoint.max_ckpts=1", "model.chunked_loss=true", *args.set,
     ]
 
 
@@ -158,6 +160,7 @@ def run_config(args, name: str, work: Path) -> dict:
             "--steps", str(args.steps), "--seq", str(args.seq), "--bsz", str(args.bsz), "--lr", str(args.lr)]
     argv += (["--smoke"] if args.smoke else []) + (["--gpu"] if args.gpu else [])
     argv += ["--threads", str(args.threads)] if args.threads else []
+    argv += [f"--set={override}" for override in args.set]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith('{"config"')]

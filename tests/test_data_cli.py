@@ -85,7 +85,13 @@ def model_dir(tmp_path_factory):
 
 def test_stats_and_show_in_process(model_dir, tmp_path, capsys):
     path = write_json(tmp_path / "d.json", [es_record(i) for i in range(12)])
-    rc = cli_main(["stats", str(path), "--model", str(model_dir), "--max-seq-len", "137", "--bsz", "2", "--accum", "2",
+    # The test tokenizer is trained on the bundled records, so row lengths move with them: a limit below the
+    # longest row and above the shortest is read from the rows themselves.
+    assert cli_main(["stats", str(path), "--model", str(model_dir), "--no-cache", "--json", "data.val_ratio=0"]) == 0
+    lengths = json.loads(capsys.readouterr().out)["total_tokens"]
+    assert lengths["min"] < lengths["max"]
+    limit = str(lengths["max"] - 1)
+    rc = cli_main(["stats", str(path), "--model", str(model_dir), "--max-seq-len", limit, "--bsz", "2", "--accum", "2",
                    "--epochs", "3", "--no-cache", "--json", "data.val_ratio=0"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["records"] == 12
@@ -127,14 +133,14 @@ def test_stats_and_show_in_process(model_dir, tmp_path, capsys):
 
 def test_stats_counts_the_steps_of_the_run_the_config_composes(tiny_model_dir, capsys):
     """The step estimate is the run's own: the demo preset unless experiment= is named, its validation split,
-    batch, accumulation and epochs (issue 16: it used to say 18 steps where the demo runs 40)."""
+    batch, accumulation and epochs (issue 16: it used to say 18 steps where the demo ran 40)."""
     demo = REPO_ROOT / "data" / "demo_data.json"
     # The tiny tokenizer writes longer rows than SmolLM2's, so the demo's 512 tokens would drop most records.
     assert cli_main(["stats", str(demo), "--model", tiny_model_dir, "data.max_seq_len=1024", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["experiment"] == "demo" and (out["train_examples"], out["val_examples"]) == (77, 11)
+    assert out["experiment"] == "demo" and (out["train_examples"], out["val_examples"]) == (121, 11)
     assert (out["bsz"], out["accum"], out["world"], out["epochs"]) == (4, 1, 1, 2)
-    assert (out["steps_per_epoch"], out["total_steps"]) == (20, 40)  # ceil(77 / 4) x 2 epochs: the demo's 40
+    assert (out["steps_per_epoch"], out["total_steps"]) == (31, 62)  # ceil(121 / 4) x 2 epochs (SmolLM2's 512: 56)
 
     # A named preset: the seed's 1-GPU smoke test (10 samples, batch 1 x accumulation 8, one epoch, seq 1024).
     assert cli_main(["stats", str(demo), "experiment=local_test", "--model", tiny_model_dir]) == 0
@@ -146,7 +152,7 @@ def test_stats_counts_the_steps_of_the_run_the_config_composes(tiny_model_dir, c
     assert cli_main(["stats", str(demo), "--model", tiny_model_dir, "data.max_seq_len=1024", "launcher=cpu_2proc",
                      "--epochs", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert (out["world"], out["epochs"], out["global_batch"], out["total_steps"]) == (2, 1, 8, 10)
+    assert (out["world"], out["epochs"], out["global_batch"], out["total_steps"]) == (2, 1, 8, 16)
 
     assert cli_main(["stats", str(demo), "--model", tiny_model_dir, "train.n_epohcs=2"]) == 1
     assert "unknown config key 'train.n_epohcs'" in capsys.readouterr().err

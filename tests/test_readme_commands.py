@@ -5,8 +5,9 @@ commands are picked up with nothing to change here). Each runs as its tiny varia
 random model (`model=tiny_random`), a couple of steps, two questions, `logging=none`; the user's files it names
 (`train.json`, `my_questions.json`, ...) are small valid files written into the copy first, and the placeholders
 (`<sft checkpoint>`, `multirun_outputs/<date>/<time>`) are what the earlier commands produced. The bare demo
-(`python launch.py`) keeps its 40 steps, so its checkpoint is the `ckpts/demo_smollm2-135m-instruct_demo_data/checkpoint-1-40` that the
-evaluation examples name. A command written twice runs once.
+(`python launch.py`) stops at the demo's 56 steps (the tiny tokenizer drops fewer records than SmolLM2's at 512
+tokens, so it is capped there), so its checkpoint is the `ckpts/demo_smollm2-135m-instruct_demo_data/checkpoint-1-56`
+that the evaluation examples name. A command written twice runs once.
 
 What cannot run here is in SKIPS, with the reason (a GPU, the Hub, SLURM, a network download, the shared
 benchmark data); a skip that matches no command fails, so the list stays true. Another branch adding README
@@ -149,13 +150,18 @@ def tiny_variant(text: str, clone: Path) -> list[str]:
     raise AssertionError(f"no tiny variant for {text!r}: add a rule to tiny_variant, or a skip to SKIPS")
 
 
+# The demo's optimizer steps with SmolLM2 (112 examples of 4, 2 epochs): its final checkpoint is checkpoint-1-56.
+DEMO_STEPS = 56
+
+
 def _train_args(args: list[str], clone: Path) -> list[str]:
     if any(a in ("--help", "-h", "--cfg", "--version", "--hydra-help") for a in args):
         return args
-    bare = not args  # the demo: its 40 steps write the checkpoint the evaluation examples name
+    bare = not args  # the demo: its 56 steps write the checkpoint the evaluation examples name
     args = _tiny_model(args, clone)
     if bare:  # the tiny model would name the folder demo_tiny-random_...: keep the one the README names
         args = _set(args, "experiment_name", "demo_smollm2-135m-instruct_demo_data")
+        args = _set(args, "train.max_steps", str(DEMO_STEPS))
     args = _set(args, "logging", "none")
     args = _set(args, "logging.progress_bar", "false")
     args = _set(args, "data.max_seq_len", "1024")  # the tiny tokenizer's rows are longer than SmolLM2's
@@ -259,7 +265,7 @@ def test_the_tiny_variants_keep_what_the_command_says(tmp_path):
                            "data=custom_es data.path=train.json", tmp_path)
     assert "model.path=meta-llama/Llama-3.2-1B-Instruct" not in variant and "experiment=local_test" in variant
     assert "train.max_steps=2" in variant
-    assert "train.max_steps=2" not in tiny_variant("python launch.py", tmp_path)  # the demo keeps its 40 steps
+    assert "train.max_steps=2" not in tiny_variant("python launch.py", tmp_path)  # the demo keeps its 56 steps
     (tmp_path / "ckpts" / "demo" / "checkpoint-1-40").mkdir(parents=True)
     variant = tiny_variant("medsft eval model.path=ckpts/demo/checkpoint-1-40 eval=headqa_es eval.limit=200", tmp_path)
     assert "model.path=ckpts/demo/checkpoint-1-40" in variant and "eval.limit=2" in variant
@@ -305,5 +311,5 @@ def test_every_readme_command_runs_in_order_on_a_fresh_copy(tmp_path, capsys):
             print(f"  skipped {command.where()} `{command.text}`: {why}")
     assert failures == [], "\n\n".join(failures)
     # What the examples rely on: the demo's checkpoint (named by the eval examples) and a sweep's report.
-    assert (clone / "ckpts" / "demo_smollm2-135m-instruct_demo_data" / "checkpoint-1-40" / "COMPLETE").is_file()
+    assert (clone / "ckpts" / "demo_smollm2-135m-instruct_demo_data" / f"checkpoint-1-{DEMO_STEPS}" / "COMPLETE").is_file()
     assert (clone / "reports" / "lr_sweep" / "report.md").is_file()

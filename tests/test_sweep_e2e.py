@@ -26,7 +26,7 @@ def tiny(tmp_path: Path, models_cache_dir: Path, tiny_model_dir: str):
         return [
             "model=tiny_random", "train.mixed_precision=no", "logging=none", "logging.progress_bar=false",
             "generation_check.enabled=false",
-            f"train.max_steps={max_steps}", "train.train_bsz_per_gpu=2", "data.max_samples=16",
+            f"train.max_steps={max_steps}", "train.train_bsz_per_gpu=2", "data.max_samples=16", "data.val_ratio=0.125",
             "data.overlong=truncate", f"model.cache_dir={models_cache_dir}", f"data.cache_dir={tmp_path / 'data'}",
             f"output_dir={tmp_path / 'ckpts'}", f"log_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ]
@@ -66,15 +66,15 @@ def explain(result: subprocess.CompletedProcess) -> str:
 
 
 def test_grid_multirun_2x2_job_folders_report_and_plots(tmp_path: Path, tiny):
-    result = launch("--multirun", *tiny(), "optimizer.learning_rate=1e-3,1e-4", "data.max_seq_len=128,256")
+    result = launch("--multirun", *tiny(), "optimizer.learning_rate=1e-3,1e-4", "data.max_seq_len=256,512")
     assert result.returncode == 0, explain(result)
     sweep = tmp_path / "sweep"
     jobs = job_dirs(sweep)
     assert len(jobs) == 4, [p.name for p in jobs]
     # <num>_<overrides> (paths such as output_dir left out; long names shortened: keys by their last part).
     assert jobs[0].name.startswith("0_") and "output_dir" not in jobs[0].name
-    assert "learning_rate=0.001," in jobs[0].name and "max_seq_len=128," in jobs[0].name
-    assert "learning_rate=0.0001," in jobs[3].name and "max_seq_len=256," in jobs[3].name
+    assert "learning_rate=0.001," in jobs[0].name and "max_seq_len=256," in jobs[0].name
+    assert "learning_rate=0.0001," in jobs[3].name and "max_seq_len=512," in jobs[3].name
     roots = set()
     for job in jobs:
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
