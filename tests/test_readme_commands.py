@@ -46,7 +46,7 @@ SKIPS: list[tuple[str, str]] = [
     (r"^medsft prepare-model meta-llama/", "the Hugging Face Hub (and an accepted licence)"),
 ]
 # Skipped only when the shared benchmark data is missing (MEDSFT_SHARED_DATA / ../shared/data).
-NEEDS_SHARED_DATA = r"^medsft eval .*eval=(headqa_es|casimedicos_es|huatuo_o1)\b"
+NEEDS_SHARED_DATA = r"^medsft eval .*eval=(headqa_es|casimedicos_es|huatuo_o1)\b|\bdata=demo_es_en\b"
 
 TIMEOUT_S = 600
 
