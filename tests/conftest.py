@@ -55,6 +55,16 @@ def data_config(compose_config):
     return make
 
 
+@pytest.fixture
+def cfg(tmp_path, data_config):
+    """`cfg(path, **keys)`: data_config for one data file, its token cache under this test's tmp_path."""
+    def make(path, **kw):
+        kw.setdefault("cache_dir", str(tmp_path / "cache"))
+        return data_config(path=str(path), **kw)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def rl_data_config(compose_config):
     """A fresh `rl.data` node with conf/rl/data/'s defaults, merged with the keyword arguments (nested dicts

@@ -33,15 +33,6 @@ def tok():
 
 
 @pytest.fixture
-def cfg(tmp_path, data_config):
-    def make(path, **kw):
-        kw.setdefault("cache_dir", str(tmp_path / "cache"))
-        return data_config(path=str(path), **kw)
-
-    return make
-
-
-@pytest.fixture
 def es40(tmp_path):
     return write_json(tmp_path / "es40.jsonl", [es_record(i) for i in range(40)], jsonl=True)
 

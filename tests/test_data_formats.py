@@ -58,15 +58,6 @@ def _runs(ex):
     return runs
 
 
-@pytest.fixture
-def cfg(tmp_path, data_config):
-    def make(path, **kw):
-        kw.setdefault("cache_dir", str(tmp_path / "cache"))
-        return data_config(path=str(path), **kw)
-
-    return make
-
-
 @pytest.mark.parametrize("family", sorted(TOKS))
 @pytest.mark.parametrize("loss_turns", ["all", "last"])
 def test_multi_turn_messages_mask_exactly_the_assistant_turns(tmp_path, cfg, family, loss_turns):

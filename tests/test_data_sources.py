@@ -31,15 +31,6 @@ ES_FIELDS = {"question": "Pregunta", "reasoning": "Razonamiento_Complejo", "resp
 TOK = chatml_tokenizer()
 
 
-@pytest.fixture
-def cfg(tmp_path, data_config):
-    def make(path, **kw):
-        kw.setdefault("cache_dir", str(tmp_path / "cache"))
-        return data_config(path=str(path), **kw)
-
-    return make
-
-
 def medsft_data(*args):
     proc = subprocess.run([sys.executable, "-m", "medsft.cli", "data", *map(str, args)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)

@@ -27,15 +27,6 @@ ES_FIELDS = {"question": "Pregunta", "reasoning": "Razonamiento_Complejo", "resp
 
 
 @pytest.fixture
-def cfg(tmp_path, data_config):
-    def make(path, **kw):
-        kw.setdefault("cache_dir", str(tmp_path / "cache"))
-        return data_config(path=str(path), **kw)
-
-    return make
-
-
-@pytest.fixture
 def records_file(tmp_path):
     return write_json(tmp_path / "r.jsonl", [es_record(i) for i in range(150)], jsonl=True)
 

@@ -183,7 +183,7 @@ def test_deepspeed_zero2_two_processes(zero2, ddp, reference):
 @pytest.mark.distributed
 def test_deepspeed_zero3_two_processes_saves_full_weights_that_reload(zero3, reference):
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     _check_run_against_reference(zero3, reference)
     ds = zero3["dump"][0]["deepspeed"]
@@ -200,8 +200,15 @@ def test_deepspeed_zero3_two_processes_saves_full_weights_that_reload(zero3, ref
     assert sum(math.prod(shape) for shape in shapes.values()) == zero3["dump"][0]["num_parameters"]
 
     # A fresh process (this one) reloads it with plain from_pretrained: the job's logits, exactly.
-    reference_logits = torch.load(zero3["dir"] / "dump" / "reference_logits.pt")
-    model = AutoModelForCausalLM.from_pretrained(latest)
+    assert_reloads_to_the_jobs_logits(zero3["dir"], latest)
+
+
+def assert_reloads_to_the_jobs_logits(job_dir: Path, checkpoint: Path) -> None:
+    """Plain from_pretrained of `checkpoint` in this process gives the logits the job dumped for its inputs."""
+    from transformers import AutoModelForCausalLM
+
+    reference_logits = torch.load(job_dir / "dump" / "reference_logits.pt")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
     with torch.no_grad():
         logits = model(reference_logits["input_ids"]).logits
     torch.testing.assert_close(logits, reference_logits["logits"], rtol=1e-5, atol=1e-5)

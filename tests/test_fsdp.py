@@ -36,7 +36,7 @@ from medsft.testing.faults import ENV as FAULTS
 from medsft.train import checkpoint as ckpt
 from medsft.train.resume import exactness_differences
 from test_distributed import (NAN_STEP, RECIPE, RUN_TIMEOUT_S, TOTAL_STEPS, _check_run_against_reference, _dump,
-                              _records, reference)  # noqa: F401 - `reference` is a fixture used below
+                              _records, assert_reloads_to_the_jobs_logits, reference)  # noqa: F401 - `reference` is a fixture used below
 from train_utils import ROOT, compose_cfg, launch, tiny_overrides
 
 SHARED_EVAL = ROOT / "tests" / "fixtures" / "eval" / "headqa_mini"
@@ -226,7 +226,6 @@ def test_fsdp_full_shard_matches_one_process_and_both_ranks_end_equal(full_shard
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp_checkpoint_holds_full_weights_that_reload_and_a_sharded_training_state(full_shard):
-    from transformers import AutoModelForCausalLM
 
     latest = ckpt.latest_complete_checkpoint(full_shard["dir"] / "ckpts" / "tiny")
     assert latest is not None and latest.name.endswith(f"-{TOTAL_STEPS}")
@@ -240,11 +239,7 @@ def test_fsdp_checkpoint_holds_full_weights_that_reload_and_a_sharded_training_s
     assert not (state / "model.safetensors").exists()
 
     # A fresh process (this one) reloads it with plain from_pretrained: the job's logits.
-    reference_logits = torch.load(full_shard["dir"] / "dump" / "reference_logits.pt")
-    model = AutoModelForCausalLM.from_pretrained(latest)
-    with torch.no_grad():
-        logits = model(reference_logits["input_ids"]).logits
-    torch.testing.assert_close(logits, reference_logits["logits"], rtol=1e-5, atol=1e-5)
+    assert_reloads_to_the_jobs_logits(full_shard["dir"], latest)
 
 
 @pytest.mark.slow
