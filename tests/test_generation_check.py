@@ -108,3 +108,57 @@ def test_demo_preset_checks_every_held_out_question(compose_config):
     assert cfg.generation_check.num_questions == held_out >= 10  # >= 90% compliance means at most one miss
     assert cfg.generation_check.repetition_penalty == 1.0 and cfg.model.chunked_loss  # plain greedy (issue 20)
     assert compose_config(*["experiment=local_test"]).generation_check.repetition_penalty == 1.0
+
+
+def test_bf16_inference_copy_leaves_the_training_weights_alone(tiny_model_dir):
+    """The copy the check answers with under bf16 autocast: bf16 parameters, the same logits as the model cast
+    to bf16, tied weights still tied, the fp32 original bitwise unchanged, and accelerate's autocast wrapper of
+    the instance's forward gone from the copy (it would keep every activation cast as under autocast)."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from medsft.train.generation_check import bf16_inference_copy
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+    assert "forward" in model.__dict__  # accelerate wraps the instance's forward in autocast
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    clone = bf16_inference_copy(model)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in clone.parameters())
+    assert "forward" not in clone.__dict__ and "forward" in model.__dict__
+    assert clone.get_output_embeddings().weight is clone.get_input_embeddings().weight
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        got = clone(input_ids=ids).logits
+        reference = type(model)(model.config)
+        reference.load_state_dict(before)
+        for param in reference.parameters():  # parameters in bf16, buffers (RoPE frequencies) kept in fp32
+            param.data = param.data.to(torch.bfloat16)
+        want = reference(input_ids=ids).logits
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("precision,answer_dtype", [("bf16", "torch.bfloat16"), ("no", "torch.float32")])
+def test_the_check_answers_in_the_training_precision(tmp_path, monkeypatch, precision, answer_dtype):
+    """bf16 autocast training: the answers come from bf16 weights (as `medsft eval` of the checkpoint would give);
+    fp32 training answers from the fp32 model itself."""
+    import medsft.train.generation_check as gc
+
+    seen = []
+    real = gc.generate_responses
+
+    def spy(model, *args, **kwargs):
+        seen.append(str(next(model.parameters()).dtype))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(gc, "generate_responses", spy)
+    train_in_process(tmp_path, "generation_check.enabled=true", "generation_check.num_questions=2",
+                     "generation_check.max_new_tokens=4", f"train.mixed_precision={precision}")
+    assert seen == [answer_dtype, answer_dtype]  # before and after training
