@@ -124,6 +124,7 @@ def test_bf16_inference_copy_leaves_the_training_weights_alone(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.config.tie_word_embeddings = True
     model.tie_weights()
+    model.model.layers[0].compile(dynamic=True)  # model.compile=true: the copy must not reuse the compiled layer
     model = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
     assert "forward" in model.__dict__  # accelerate wraps the instance's forward in autocast
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -131,6 +132,7 @@ def test_bf16_inference_copy_leaves_the_training_weights_alone(tiny_model_dir):
     clone = bf16_inference_copy(model)
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in clone.parameters())
     assert "forward" not in clone.__dict__ and "forward" in model.__dict__
+    assert clone.model.layers[0]._compiled_call_impl is None and model.model.layers[0]._compiled_call_impl
     assert clone.get_output_embeddings().weight is clone.get_input_embeddings().weight
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():

@@ -60,6 +60,8 @@ def bf16_inference_copy(model: torch.nn.Module) -> torch.nn.Module:
     # accelerate's bf16 wrapper on the instance's forward (autocast + fp32 outputs) would undo the point
     for attr in ("forward", "_original_forward"):
         clone.__dict__.pop(attr, None)
+    for module in clone.modules():  # model.compile=true: compiled for training's shapes and dtype; eager here
+        module._compiled_call_impl = None
     clone.eval()
     return clone
 
