@@ -128,6 +128,53 @@ def test_only_the_adapter_trains_and_the_frozen_base_stays_bitwise(tmp_path, tin
         reset_accelerate()
 
 
+@pytest.mark.parametrize("dtype_key,base_dtype", [("auto", torch.bfloat16), ("float32", torch.float32)])
+def test_lora_in_bf16_keeps_a_bf16_frozen_base_and_fp32_master_weights(tmp_path, dtype_key, base_dtype):
+    """bf16 mixed precision + LoRA, model.dtype=auto: the frozen base is loaded in bf16 (no fp32 copy of weights
+    nothing updates), the adapter and modules_to_save stay fp32 for AdamW, the loss falls, the base stays
+    bitwise; model.dtype=float32 keeps the fp32 base."""
+    from medsft.train.loop import optimizer_step, setup
+    from medsft.train.metrics import MetricWindow
+
+    reset_accelerate()
+    cfg = compose_cfg(tiny_overrides(tmp_path, *LORA, "train.mixed_precision=bf16", "peft.modules_to_save=[lm_head]",
+                                     f"model.dtype={dtype_key}", "train.max_steps=4"))
+    ctx = setup(cfg, tmp_path)
+    try:
+        model = ctx.accelerator.unwrap_model(ctx.model)
+        frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert {p.dtype for p in frozen.values()} == {base_dtype}
+        assert {p.dtype for p in trainable.values()} == {torch.float32}
+        assert any("modules_to_save" in n for n in trainable) and any("lora_" in n for n in trainable)
+        stepped = [p for group in ctx.optimizer.param_groups for p in group["params"]]
+        assert stepped and all(p.dtype == torch.float32 for p in stepped)
+        before = {n: p.detach().clone() for n, p in frozen.items()}
+        window = MetricWindow()
+        losses = []
+        for group in ctx.order.step_groups(ctx.plan, 0, 0)[:4]:
+            window = MetricWindow()
+            assert optimizer_step(ctx, group, window)
+            losses.append(window.sums["loss_sum"] / window.sums["loss_tokens"])
+        assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+        assert all(torch.equal(before[n], p) for n, p in frozen.items())
+    finally:
+        ctx.accelerator.end_training()
+        reset_accelerate()
+
+
+def test_training_dtype_gives_bf16_only_to_a_frozen_unsharded_base_in_bf16():
+    from medsft.models import training_dtype
+
+    lora, qlora, none = (compose_cfg([f"peft={name}"]).peft for name in ("lora", "qlora", "none"))
+    assert training_dtype("auto", lora, "bf16") == torch.bfloat16
+    assert training_dtype("auto", lora, "no") == torch.float32  # fp32 training: everything fp32
+    assert training_dtype("auto", lora, "bf16", sharded=True) == torch.float32  # DeepSpeed / FSDP2 keep one dtype
+    assert training_dtype("auto", none, "bf16") == torch.float32  # full fine-tuning: fp32 master weights
+    assert training_dtype("auto", qlora, "bf16") == torch.float32  # 4-bit base: bitsandbytes decides
+    assert training_dtype("float16", none, "no") == torch.float16  # an explicit dtype is obeyed
+
+
 def test_gradient_checkpointing_with_lora_gives_the_adapter_gradients(tmp_path, tiny_model_cfg):
     peft_cfg = compose_cfg(["peft=lora"]).peft
     model = load_model(tiny_model_cfg)

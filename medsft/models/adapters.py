@@ -187,6 +187,12 @@ def apply_peft(model: PreTrainedModel, peft_cfg: Any, gradient_checkpointing: bo
     # there rather than peft's fp32 upcast (which only a 4-bit base needs).
     upcast = not is_deepspeed_zero3_enabled() or getattr(model, "is_loaded_in_4bit", False)
     peft_model = get_peft_model(model, lora_config(peft_cfg), autocast_adapter_dtype=upcast)
+    if upcast:
+        # peft upcasts the adapter; `modules_to_save` are copies of (possibly bf16) base modules. AdamW needs fp32
+        # master weights for everything it steps.
+        for param in peft_model.parameters():
+            if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+                param.data = param.data.float()
     adapted = sum(1 for module in peft_model.modules() if isinstance(module, LoraLayer))
     targets = ALL_LINEAR if peft_cfg.target_modules == ALL_LINEAR else ",".join(peft_cfg.target_modules)
     log.info("%s", describe(peft_model, f"{_method(peft_cfg)} r={peft_cfg.r} alpha={peft_cfg.alpha:g} on {adapted} "
