@@ -101,7 +101,7 @@ def test_eval_help_says_up_front_where_the_benchmark_data_must_be(capsys, monkey
     head = text.split(EXAMPLES_HEADER)[0]
     assert f"$MEDSFT_SHARED_DATA={tmp_path / 'nowhere'}: NOT FOUND" in head
     assert "checkpoint-<epoch>-<step>" in head
-    assert all("checkpoint-1-56" in e or "model=" in e for e in examples_of(text))  # real checkpoint names
+    assert all("checkpoint-1-48" in e or "model=" in e for e in examples_of(text))  # real checkpoint names
     monkeypatch.setenv("MEDSFT_SHARED_DATA", str(tmp_path))
     assert main(["eval", "--help"]) == 0
     assert f"found ({tmp_path.resolve()})" in capsys.readouterr().out

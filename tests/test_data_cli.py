@@ -140,7 +140,7 @@ def test_stats_counts_the_steps_of_the_run_the_config_composes(tiny_model_dir, c
     out = json.loads(capsys.readouterr().out)
     assert out["experiment"] == "demo" and (out["train_examples"], out["val_examples"]) == (121, 11)
     assert (out["bsz"], out["accum"], out["world"], out["epochs"]) == (4, 1, 1, 2)
-    assert (out["steps_per_epoch"], out["total_steps"]) == (31, 62)  # ceil(121 / 4) x 2 epochs (SmolLM2's 512: 56)
+    assert (out["steps_per_epoch"], out["total_steps"]) == (31, 48)  # ceil(121 / 4) an epoch; train.max_steps=48 caps 62
 
     # A named preset: the seed's 1-GPU smoke test (10 samples, batch 1 x accumulation 8, one epoch, seq 1024).
     assert cli_main(["stats", str(demo), "experiment=local_test", "--model", tiny_model_dir]) == 0

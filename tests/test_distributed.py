@@ -343,7 +343,7 @@ def test_launch_config_writes_the_accelerate_and_deepspeed_files(compose_config,
     assert loaded.deepspeed_config["deepspeed_config_file"] == str(ds_file.resolve())
     assert loaded.deepspeed_config["zero3_init_flag"] is True
     # The JSON is the generated one (auto precision = bf16: the files are for GPU machines), of conf/'s defaults:
-    # without experiment= the CPU demo preset (batch 4 x accumulation 1, lr 8e-4) never applies silently.
+    # without experiment= the CPU demo preset (batch 4 x accumulation 1, lr 5e-4) never applies silently.
     ds = json.loads(ds_file.read_text())
     assert ds == deepspeed_json(compose_config("~experiment", *overrides), "bf16", world_size=8)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 8)  # the seed's

@@ -5,8 +5,8 @@ commands are picked up with nothing to change here). Each runs as its tiny varia
 random model (`model=tiny_random`), a couple of steps, two questions, `logging=none`; the user's files it names
 (`train.json`, `my_questions.json`, ...) are small valid files written into the copy first, and the placeholders
 (`<sft checkpoint>`, `multirun_outputs/<date>/<time>`) are what the earlier commands produced. The bare demo
-(`python launch.py`) stops at the demo's 56 steps (the tiny tokenizer drops fewer records than SmolLM2's at 512
-tokens, so it is capped there), so its checkpoint is the `ckpts/demo_smollm2-135m-instruct_demo_data/checkpoint-1-56`
+(`python launch.py`) stops at the demo's 48 steps (its preset's train.max_steps; the tiny tokenizer's epochs are longer
+than SmolLM2's at 512 tokens, and the step is pinned here too), so its checkpoint is the `ckpts/demo_smollm2-135m-instruct_demo_data/checkpoint-1-48`
 that the evaluation examples name. A command written twice runs once.
 
 What cannot run here is in SKIPS, with the reason (a GPU, the Hub, SLURM, a network download, the shared
@@ -150,14 +150,14 @@ def tiny_variant(text: str, clone: Path) -> list[str]:
     raise AssertionError(f"no tiny variant for {text!r}: add a rule to tiny_variant, or a skip to SKIPS")
 
 
-# The demo's optimizer steps with SmolLM2 (112 examples of 4, 2 epochs): its final checkpoint is checkpoint-1-56.
-DEMO_STEPS = 56
+# The demo's optimizer steps (train.max_steps=48 of 2 epochs of 28): its final checkpoint is checkpoint-1-48.
+DEMO_STEPS = 48
 
 
 def _train_args(args: list[str], clone: Path) -> list[str]:
     if any(a in ("--help", "-h", "--cfg", "--version", "--hydra-help") for a in args):
         return args
-    bare = not args  # the demo: its 56 steps write the checkpoint the evaluation examples name
+    bare = not args  # the demo: its 48 steps write the checkpoint the evaluation examples name
     args = _tiny_model(args, clone)
     if bare:  # the tiny model would name the folder demo_tiny-random_...: keep the one the README names
         args = _set(args, "experiment_name", "demo_smollm2-135m-instruct_demo_data")
@@ -265,7 +265,7 @@ def test_the_tiny_variants_keep_what_the_command_says(tmp_path):
                            "data=custom_es data.path=train.json", tmp_path)
     assert "model.path=meta-llama/Llama-3.2-1B-Instruct" not in variant and "experiment=local_test" in variant
     assert "train.max_steps=2" in variant
-    assert "train.max_steps=2" not in tiny_variant("python launch.py", tmp_path)  # the demo keeps its 56 steps
+    assert "train.max_steps=2" not in tiny_variant("python launch.py", tmp_path)  # the demo keeps its 48 steps
     (tmp_path / "ckpts" / "demo" / "checkpoint-1-40").mkdir(parents=True)
     variant = tiny_variant("medsft eval model.path=ckpts/demo/checkpoint-1-40 eval=headqa_es eval.limit=200", tmp_path)
     assert "model.path=ckpts/demo/checkpoint-1-40" in variant and "eval.limit=2" in variant

@@ -26,7 +26,7 @@ SUBCOMMANDS = {
 EXAMPLES = [
     ("medsft data show data/demo_data.json --index 0 --model tiny-random:llama", "loss-carrying part marked"),
     ("medsft data check data/demo_data.json", "exit 0 valid / 1 invalid"),
-    ("medsft eval model.path=ckpts/demo_smollm2-135m-instruct_demo_data/checkpoint-1-56 eval=headqa_es eval.limit=200", ""),
+    ("medsft eval model.path=ckpts/demo_smollm2-135m-instruct_demo_data/checkpoint-1-48 eval=headqa_es eval.limit=200", ""),
     ("medsft sweep-report multirun_outputs/<date>/<time>", ""),
 ]
 

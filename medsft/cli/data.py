@@ -526,7 +526,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 EXAMPLES = [
     ("medsft data show data/demo_data.json --index 0 --model tiny-random:llama", "loss-carrying part marked"),
     ("medsft data check data/demo_data.json", "exit 0 valid / 1 invalid"),
-    ("medsft data stats data/demo_data.json", "token lengths and the demo run's 56 steps"),
+    ("medsft data stats data/demo_data.json", "token lengths and the demo run's 48 steps"),
     ("medsft data stats data/demo_data.json experiment=local_test", "... of the seed's 1-GPU smoke test"),
     ("medsft data sample data/demo_data.json --n 10 --out data/test_sample.json", "a seeded subset"),
 ]

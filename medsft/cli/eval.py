@@ -20,8 +20,8 @@ from medsft.eval.config import compose_eval_config
 from medsft.eval.runner import print_summary, run_evaluation
 from medsft.paths import REPO_ROOT, SHARED_DATA_ENV
 
-# The demo's final checkpoint (`python launch.py`: experiment demo_smollm2-135m-instruct_demo_data, 2 epochs, 56 steps).
-DEMO_CHECKPOINT = "ckpts/demo_smollm2-135m-instruct_demo_data/checkpoint-1-56"
+# The demo's final checkpoint (`python launch.py`: experiment demo_smollm2-135m-instruct_demo_data, train.max_steps=48 of 2 epochs).
+DEMO_CHECKPOINT = "ckpts/demo_smollm2-135m-instruct_demo_data/checkpoint-1-48"
 # Commands of README.md (tests/test_cli_help.py checks that each is there).
 EXAMPLES = [
     (f"medsft eval model.path={DEMO_CHECKPOINT} eval=headqa_es eval.limit=200", "the demo's checkpoint, 200 MIR questions"),

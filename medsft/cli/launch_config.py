@@ -1,7 +1,7 @@
 """`medsft launch-config [overrides] --out DIR`: the accelerate (DeepSpeed / FSDP2) files of a composed config.
 
 The files are for a GPU job started by hand (`accelerate launch --config_file ...`), so only an experiment preset
-named on the command line applies: the CPU demo preset that `python launch.py` uses by default (lr 8e-4, batch 4,
+named on the command line applies: the CPU demo preset that `python launch.py` uses by default (lr 5e-4, batch 4,
 2 epochs) is never taken silently. Without experiment=, the config is conf/'s defaults (the seed's values), and
 the printed launch command carries `~experiment` so the training composes the same config.
 """

@@ -1,7 +1,7 @@
 """Which experiment preset a command line composes with, and whether it was named.
 
 conf/config.yaml ends its defaults list with `experiment: demo`: `python launch.py` alone is the CPU demo. That
-preset changes the seed's hyperparameters for a 135M model on 2 CPU cores (lr 8e-4, batch 4, 2 epochs, seq
+preset changes the seed's hyperparameters for a 135M model on 2 CPU cores (lr 5e-4, batch 4, 2 epochs, seq
 512), so a command that is not the demo must not take them silently: `medsft launch-config` applies only a preset
 it is given, and a training run with the implicit demo preset on several processes or DeepSpeed is warned.
 """
