@@ -151,7 +151,7 @@ def test_the_experiment_preset_is_said_and_an_implicit_demo_on_many_processes_wa
     big = ["deepspeed=zero3_8gpu", "launcher.num_processes=8"]
     line, warning = experiment_notice(compose_config(*big), big)
     assert "8-process DeepSpeed run takes the CPU demo preset's hyperparameters" in warning
-    assert "lr 0.0008, 4 per device x 1 accumulation, 2 epochs, seq 512" in warning and "~experiment" in warning
+    assert "lr 0.0005, 4 per device x 1 accumulation, 2 epochs capped at 48 steps, seq 512" in warning and "~experiment" in warning
     for named in (["~experiment", *big], ["experiment=medical_o1_spanish_8gpu"]):
         line, warning = experiment_notice(compose_config(*named), named)
         assert warning is None, named

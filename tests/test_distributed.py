@@ -357,7 +357,7 @@ def test_launch_config_writes_the_accelerate_and_deepspeed_files(compose_config,
     assert "config: experiment=medical_o1_spanish_8gpu; lr 5e-06, 2 per device x 8 accumulation x 8 processes" in printed
     assert "launch.py experiment=medical_o1_spanish_8gpu data.path=x.json" in printed
     assert main(["launch-config", "experiment=demo", "data.path=x.json", "--out", str(tmp_path / "demo")]) == 0
-    assert "config: experiment=demo; lr 0.0008, 4 per device x 1 accumulation" in capsys.readouterr().out
+    assert "config: experiment=demo; lr 0.0005, 4 per device x 1 accumulation" in capsys.readouterr().out
 
     assert main(["launch-config", "launcher=cpu_2proc", "data.path=x.json", "--out", str(tmp_path / "ddp")]) == 0
     plain = yaml.safe_load((tmp_path / "ddp" / "accelerate_config.yaml").read_text())

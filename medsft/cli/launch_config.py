@@ -48,7 +48,8 @@ def cli_main(argv: list[str]) -> int:
     t = cfg.train
     print(f"config: {describe_experiment(preset, True)}; lr {cfg.optimizer.learning_rate:g}, "
           f"{t.train_bsz_per_gpu} per device x {t.gradient_accumulation_steps} accumulation x "
-          f"{cfg.launcher.num_processes} processes, {t.n_epochs} epochs, seq {cfg.data.max_seq_len}, "
+          f"{cfg.launcher.num_processes} processes, {t.n_epochs} epochs"
+          f"{f' capped at {t.max_steps} steps' if t.max_steps else ''}, seq {cfg.data.max_seq_len}, "
           f"deepspeed={cfg.deepspeed.name}")
     for kind, path in written.items():
         print(f"{kind:<11} {path}")

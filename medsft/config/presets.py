@@ -73,7 +73,7 @@ def experiment_notice(cfg, overrides: Iterable[str]) -> tuple[str, Optional[str]
     return line, (
         f"this {cfg.launcher.num_processes}-process{' DeepSpeed' if cfg.deepspeed.enabled else ''} run takes the "
         f"CPU demo preset's hyperparameters because no experiment= was given (lr {cfg.optimizer.learning_rate:g}, "
-        f"{t.train_bsz_per_gpu} per device x {t.gradient_accumulation_steps} accumulation, {t.n_epochs} epochs, "
-        f"seq {cfg.data.max_seq_len}); name a preset (experiment=medical_o1_spanish_8gpu) or pass ~experiment "
+        f"{t.train_bsz_per_gpu} per device x {t.gradient_accumulation_steps} accumulation, {t.n_epochs} epochs"
+        f"{f' capped at {t.max_steps} steps' if t.max_steps else ''}, seq {cfg.data.max_seq_len}); name a preset (experiment=medical_o1_spanish_8gpu) or pass ~experiment "
         f"for the seed's values"
     )
