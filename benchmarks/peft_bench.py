@@ -19,8 +19,8 @@ initial weights, examples (data/demo_data.json, same seed and order), micro-batc
 Reported per configuration: trainable / total parameters, training's peak memory: on CPU the peak RSS from the
 end of `setup` (model and data loaded and resident) to the last step (VmHWM reset through /proc/self/clear_refs,
 as torch.cuda.reset_peak_memory_stats does on GPU; the loading peak, imports and transient copies included, is
-reported beside it), on GPU the peak CUDA memory (torch.cuda.max_memory_allocated), median step time over the steps after the first (warm-up), and the size
-of the checkpoint folder medsft writes (weights + training state for exact resume), each also as a ratio to full
+reported beside it), on GPU the peak CUDA memory (torch.cuda.max_memory_allocated), median step time over the
+steps after the first (warm-up), and the size of the checkpoint folder medsft writes (weights + training state for exact resume), each also as a ratio to full
 fine-tuning in the same invocation. The issue's goals are checked at the end: LoRA checkpoint <= 5% of full,
 LoRA peak memory <= 0.6x full, QLoRA peak CUDA memory <= 0.4x full. One JSON line per configuration on stdout
 (`--json-out FILE` also writes them to a file).

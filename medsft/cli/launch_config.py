@@ -12,7 +12,7 @@ from pathlib import Path
 
 from medsft.cli.usage import CommandParser, examples_block
 from medsft.config import check_cli_overrides, compose, validate
-from medsft.config.presets import NO_EXPERIMENT, describe_experiment, named_experiment
+from medsft.config.presets import NO_EXPERIMENT, describe_epochs, describe_experiment, named_experiment
 from medsft.runtime.launch_config import launch_config_files
 
 # Commands of README.md (tests/test_cli_help.py checks that each is there).
@@ -48,8 +48,7 @@ def cli_main(argv: list[str]) -> int:
     t = cfg.train
     print(f"config: {describe_experiment(preset, True)}; lr {cfg.optimizer.learning_rate:g}, "
           f"{t.train_bsz_per_gpu} per device x {t.gradient_accumulation_steps} accumulation x "
-          f"{cfg.launcher.num_processes} processes, {t.n_epochs} epochs"
-          f"{f' capped at {t.max_steps} steps' if t.max_steps else ''}, seq {cfg.data.max_seq_len}, "
+          f"{cfg.launcher.num_processes} processes, {describe_epochs(t)}, seq {cfg.data.max_seq_len}, "
           f"deepspeed={cfg.deepspeed.name}")
     for kind, path in written.items():
         print(f"{kind:<11} {path}")

@@ -54,6 +54,12 @@ def experiment_of(overrides: Iterable[str]) -> tuple[Optional[str], bool]:
     return default_choices().get(EXPERIMENT), False
 
 
+def describe_epochs(train_cfg) -> str:
+    """`2 epochs`, or `2 epochs capped at 48 steps` when train.max_steps ends the run first."""
+    capped = f" capped at {train_cfg.max_steps} steps" if train_cfg.max_steps else ""
+    return f"{train_cfg.n_epochs} epochs{capped}"
+
+
 def describe_experiment(preset: Optional[str], named: bool) -> str:
     """`experiment=demo (the default: no experiment= given)`, `experiment=local_test`, or the seed's values."""
     if preset is None:
@@ -73,7 +79,7 @@ def experiment_notice(cfg, overrides: Iterable[str]) -> tuple[str, Optional[str]
     return line, (
         f"this {cfg.launcher.num_processes}-process{' DeepSpeed' if cfg.deepspeed.enabled else ''} run takes the "
         f"CPU demo preset's hyperparameters because no experiment= was given (lr {cfg.optimizer.learning_rate:g}, "
-        f"{t.train_bsz_per_gpu} per device x {t.gradient_accumulation_steps} accumulation, {t.n_epochs} epochs"
-        f"{f' capped at {t.max_steps} steps' if t.max_steps else ''}, seq {cfg.data.max_seq_len}); name a preset (experiment=medical_o1_spanish_8gpu) or pass ~experiment "
+        f"{t.train_bsz_per_gpu} per device x {t.gradient_accumulation_steps} accumulation, {describe_epochs(t)}, "
+        f"seq {cfg.data.max_seq_len}); name a preset (experiment=medical_o1_spanish_8gpu) or pass ~experiment "
         f"for the seed's values"
     )
