@@ -202,7 +202,7 @@ def test_the_chunked_loss_reads_the_trained_lm_head_copy_and_skips_an_adapted_he
         model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
     kernels = setup_kernels(model, tiny_model_cfg.copy(), torch.device("cpu"))
     assert not kernels.chunked_loss
-    chunked = Kernels(implementation=kernels.implementation, chunked_loss=True)
+    chunked = Kernels(implementation=kernels.implementation, chunked_loss=True, chunk_tokens=5)
     dense_sum, _, _ = forward_loss_sums(model, batch, Kernels(implementation=kernels.implementation))
     chunked_sum, _, _ = forward_loss_sums(model, batch, chunked)
     assert float(chunked_sum) == pytest.approx(float(dense_sum), rel=1e-5)

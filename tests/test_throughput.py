@@ -48,13 +48,71 @@ def test_chunked_cross_entropy_equals_dense(with_bias):
 def test_chunked_cross_entropy_without_targets_or_grad():
     hidden = torch.randn(1, 5, 4, requires_grad=True)
     weight = torch.randn(11, 4, requires_grad=True)
-    loss, n, _ = chunked_token_loss_sums(hidden, weight, torch.full((1, 5), -100))
+    loss, n, _ = chunked_token_loss_sums(hidden, weight, torch.full((1, 5), -100), chunk_tokens=4)
     assert float(loss) == 0.0 and int(n) == 0
     loss.backward()  # connected, zero gradients (every DDP parameter still gets one)
     assert hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
     with torch.no_grad():
-        value, _, _ = chunked_token_loss_sums(hidden, weight, torch.randint(0, 11, (1, 5)))
+        value, _, _ = chunked_token_loss_sums(hidden, weight, torch.randint(0, 11, (1, 5)), chunk_tokens=4)
     assert value.requires_grad is False and torch.isfinite(value)
+
+
+@pytest.mark.parametrize("trainable_head", [True, False])
+def test_chunked_cross_entropy_casts_the_head_once_under_autocast(trainable_head):
+    """Under bf16 autocast an fp32 head is cast to bf16 once for all chunks (autocast alone casts it at each of
+    the two products of every chunk, and a frozen head's cast is not even cached); the sums and gradients equal
+    autocast's own per-chunk products, the head's gradient stays fp32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HeadCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == (97, 16) \
+                    and out.dtype == torch.bfloat16:
+                self.count += 1
+            return out
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 40, 16, requires_grad=True)
+    weight = torch.randn(97, 16, requires_grad=trainable_head)
+    labels = torch.randint(0, 97, (2, 40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, _, _ = token_loss_sums(hidden @ weight.t(), labels)  # autocast's bf16 product, loss in fp32
+    ref_loss.backward()
+    ref = [hidden.grad.clone()] + ([weight.grad.clone()] if trainable_head else [])
+    hidden.grad = weight.grad = None
+    casts = HeadCasts()
+    with casts, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = chunked_token_loss_sums(hidden, weight, labels, chunk_tokens=8)  # 10 chunks
+    assert casts.count == 1
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(float(ref_loss.detach()), rel=2e-3)
+    torch.testing.assert_close(hidden.grad, ref[0], rtol=0.05, atol=2e-3)
+    if trainable_head:
+        assert weight.grad.dtype == torch.float32
+        torch.testing.assert_close(weight.grad, ref[1], rtol=0.05, atol=2e-3)
+
+
+def test_loss_chunk_tokens_comes_from_the_config_and_must_be_positive(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from medsft.config import compose
+    from medsft.config.ranges import range_problems
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    kernels = setup_kernels(model, _model_cfg(chunked_loss=True, loss_chunk_tokens=7), torch.device("cpu"))
+    assert kernels.chunked_loss and kernels.chunk_tokens == 7
+    assert compose(["~experiment"]).model.loss_chunk_tokens == 1024  # conf/model/base.yaml
+    errors = range_problems(compose(["~experiment", "model.loss_chunk_tokens=0"]))
+    assert any("model.loss_chunk_tokens" in e for e in errors)
+    with pytest.raises(ValueError, match="loss_chunk_tokens"):
+        chunked_token_loss_sums(torch.randn(1, 3, 4), torch.randn(5, 4), torch.ones(1, 3, dtype=torch.long),
+                                chunk_tokens=0)
 
 
 @pytest.fixture(scope="module")

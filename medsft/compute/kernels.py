@@ -31,9 +31,6 @@ from medsft.data.render import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_TOKENS = 4096
-
-
 def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum of token cross-entropies, number of loss tokens, number of correct argmax predictions).
 
@@ -70,10 +67,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        # Autocast would cast the head to its dtype at every product of every chunk (twice a chunk, and not cached
+        # for a frozen head): cast once, which is what makes small chunks cheap.
+        head = _in_autocast_dtype(weight)
         for start in range(0, hidden.shape[0], chunk_tokens):
             h = hidden[start : start + chunk_tokens]
             t = targets[start : start + chunk_tokens]
-            logits = (h @ weight.t()).float()
+            logits = (h @ head.t()).float()
             if bias is not None:
                 logits = logits + bias.float()
             lse = torch.logsumexp(logits, dim=-1)
@@ -83,9 +83,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # d(sum CE)/d(logits) = softmax - onehot, built in place over the chunk's fp32 logits
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))
-                g = probs.to(hidden.dtype)
+                g = probs.to(head.dtype if head.dtype != torch.float32 else hidden.dtype)  # autocast's, cast once
                 if need_h:
-                    grad_h[start : start + chunk_tokens] = g @ weight
+                    grad_h[start : start + chunk_tokens] = g @ head
                 if need_w:
                     grad_w.add_((g.t() @ h).float())
                 if need_b:
@@ -110,12 +110,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
+def _in_autocast_dtype(weight: torch.Tensor) -> torch.Tensor:
+    device = weight.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return weight.to(torch.get_autocast_dtype(device))
+    return weight
+
+
 def chunked_token_loss_sums(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    *,
+    chunk_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`token_loss_sums` from final hidden states [B, T, d] and the LM head (weight [V, d], optional bias):
     same next-token shift, same -100 convention, loss in fp32, without materialising [B, T, V] logits."""
@@ -127,6 +135,8 @@ def chunked_token_loss_sums(
     loss_tokens = mask.sum()
     if rows.shape[0] == 0:  # keep the graph connected (DDP) with an exact zero
         return (hidden.sum() * 0.0 + weight.sum() * 0.0).float(), loss_tokens, torch.zeros((), dtype=torch.long)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1 (model.loss_chunk_tokens), got {chunk_tokens}")
     loss, correct = _LinearCrossEntropy.apply(rows, weight, bias, targets, int(chunk_tokens),
                                               torch.is_grad_enabled())
     return loss, loss_tokens, correct
@@ -142,7 +152,7 @@ class Kernels:
     implementation: str = "sdpa"  # attention implementation in use
     chunked_loss: bool = False
     drop_causal_padding_mask: bool = False
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    chunk_tokens: int = 0  # rows a chunk: model.loss_chunk_tokens (setup_kernels); must be set for chunked_loss
     liger: bool = False
     compiled: bool = False
 
@@ -153,7 +163,7 @@ def setup_kernels(model: torch.nn.Module, model_cfg: Any, device: torch.device, 
 
     `grouped` (length-grouped batches) needs nothing beyond the padded path: both are right-padded batches.
     """
-    kernels = Kernels()
+    kernels = Kernels(chunk_tokens=int(model_cfg.loss_chunk_tokens))
     requested = model_cfg.attn_implementation
     if packing:
         kernels.implementation = attention.configure_for_packing(model, requested, device)
@@ -274,4 +284,4 @@ def forward_loss_sums(model: torch.nn.Module, batch: dict, kernels: Optional[Ker
         raise RuntimeError("the chunked loss needs the whole LM head after the forward, but it is sharded (DTensor): "
                            "its FSDP unit must not reshard after forward (medsft.runtime.fsdp keeps it gathered)")
     return chunked_token_loss_sums(captured["hidden"], head.weight, batch["labels"], getattr(head, "bias", None),
-                                   kernels.chunk_tokens)
+                                   chunk_tokens=kernels.chunk_tokens)

@@ -32,6 +32,7 @@ SFT_RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool, str]] 
     "optimizer.max_grad_norm": (0, True, None, True, "0 = measured, not clipped"),
     "optimizer.warmup_rates": (0, True, 1, True, "a share of the optimizer steps"),
     "optimizer.min_lr_ratio": (0, True, 1, True, "a share of optimizer.learning_rate"),
+    "model.loss_chunk_tokens": (1, True, None, True, "rows of hidden states the chunked loss projects at a time"),
     "data.max_samples": (0, True, None, True, "0 = all"),
     "data.num_workers": (0, True, None, True, ""),
     "data.num_proc": (0, True, None, True, "0 = one per CPU core (at most 8)"),

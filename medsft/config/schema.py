@@ -39,6 +39,7 @@ class ModelConfig:
     cache_dir: Optional[str] = MISSING
     tiny: TinyModelShape = field(default_factory=TinyModelShape)
     chunked_loss: bool = MISSING
+    loss_chunk_tokens: int = MISSING
     use_liger_kernel: bool = MISSING
     compile: bool = MISSING
 
