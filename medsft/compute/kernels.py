@@ -75,13 +75,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             t = targets[start : start + chunk_tokens]
             logits = (h @ head.t()).float()
             if bias is not None:
-                logits = logits + bias.float()
-            lse = torch.logsumexp(logits, dim=-1)
-            loss = loss + (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                logits.add_(bias.float())
+            target_logits = logits.gather(1, t[:, None]).squeeze(1)
             correct = correct + (logits.argmax(-1) == t).sum()
+            # log-sum-exp in place over the chunk's fp32 logits (torch.logsumexp would allocate another [chunk,
+            # vocab] fp32 temporary); what is left is exp(logits - max), the softmax's numerator
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(row_max).exp_()
+            sum_exp = exps.sum(dim=-1, keepdim=True)
+            lse = (sum_exp.log() + row_max).squeeze(1)
+            loss = loss + (lse - target_logits).sum()
             if need_h or need_w or need_b:
-                # d(sum CE)/d(logits) = softmax - onehot, built in place over the chunk's fp32 logits
-                probs = logits.sub_(lse[:, None]).exp_()
+                # d(sum CE)/d(logits) = softmax - onehot, built in place
+                probs = exps.div_(sum_exp)
                 probs.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))
                 g = probs.to(head.dtype if head.dtype != torch.float32 else hidden.dtype)  # autocast's, cast once
                 if need_h:
@@ -90,7 +96,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w.add_((g.t() @ h).float())
                 if need_b:
                     grad_b.add_(probs.sum(0))
-            del logits
+            del logits, exps
         ctx.save_for_backward(*(x for x in (grad_h, grad_w, grad_b) if x is not None))
         ctx.has = (grad_h is not None, grad_w is not None, grad_b is not None)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
