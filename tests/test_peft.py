@@ -128,10 +128,11 @@ def test_only_the_adapter_trains_and_the_frozen_base_stays_bitwise(tmp_path, tin
         reset_accelerate()
 
 
-@pytest.mark.parametrize("dtype_key,base_dtype", [("bfloat16", torch.bfloat16), ("auto", torch.float32)])
-def test_lora_on_a_bf16_base_keeps_fp32_master_weights(tmp_path, dtype_key, base_dtype):
-    """model.dtype=bfloat16 + LoRA: the frozen base in bf16, the adapter and modules_to_save in fp32 for AdamW (peft
-    upcasts only the adapter), the loss falls, the base stays bitwise; model.dtype=auto keeps an fp32 base."""
+@pytest.mark.parametrize("dtype_key,base_dtype", [("auto", torch.bfloat16), ("float32", torch.float32)])
+def test_lora_in_bf16_keeps_a_bf16_frozen_base_and_fp32_master_weights(tmp_path, dtype_key, base_dtype):
+    """bf16 mixed precision + LoRA, model.dtype=auto: the frozen base is loaded in bf16 (no fp32 copy of weights
+    nothing updates), the adapter and modules_to_save stay fp32 for AdamW, the loss falls, the base stays
+    bitwise; model.dtype=float32 keeps the fp32 base."""
     from medsft.train.loop import optimizer_step, setup
     from medsft.train.metrics import MetricWindow
 
@@ -149,6 +150,7 @@ def test_lora_on_a_bf16_base_keeps_fp32_master_weights(tmp_path, dtype_key, base
         stepped = [p for group in ctx.optimizer.param_groups for p in group["params"]]
         assert stepped and all(p.dtype == torch.float32 for p in stepped)
         before = {n: p.detach().clone() for n, p in frozen.items()}
+        window = MetricWindow()
         losses = []
         for group in ctx.order.step_groups(ctx.plan, 0, 0)[:4]:
             window = MetricWindow()
@@ -159,6 +161,18 @@ def test_lora_on_a_bf16_base_keeps_fp32_master_weights(tmp_path, dtype_key, base
     finally:
         ctx.accelerator.end_training()
         reset_accelerate()
+
+
+def test_training_dtype_gives_bf16_only_to_a_frozen_unsharded_base_in_bf16():
+    from medsft.models import training_dtype
+
+    lora, qlora, none = (compose_cfg([f"peft={name}"]).peft for name in ("lora", "qlora", "none"))
+    assert training_dtype("auto", lora, "bf16") == torch.bfloat16
+    assert training_dtype("auto", lora, "no") == torch.float32  # fp32 training: everything fp32
+    assert training_dtype("auto", lora, "bf16", sharded=True) == torch.float32  # DeepSpeed / FSDP2 keep one dtype
+    assert training_dtype("auto", none, "bf16") == torch.float32  # full fine-tuning: fp32 master weights
+    assert training_dtype("auto", qlora, "bf16") == torch.float32  # 4-bit base: bitsandbytes decides
+    assert training_dtype("float16", none, "no") == torch.float16  # an explicit dtype is obeyed
 
 
 def test_gradient_checkpointing_with_lora_gives_the_adapter_gradients(tmp_path, tiny_model_cfg):

@@ -16,6 +16,7 @@ from medsft.models.load import (
     resolve_model_dir,
     snapshot_hub_model,
     torch_dtype,
+    training_dtype,
 )
 from medsft.models.tiny import TINY_RANDOM, TINY_RANDOM_QWEN2, build_tiny_random
 
@@ -23,5 +24,5 @@ __all__ = [
     "ALLOWED_SOURCES", "EMBEDDED_SMOLLM2", "TINY_RANDOM", "TINY_RANDOM_QWEN2", "WheelDownloadError", "apply_peft",
     "build_tiny_random", "check_model_source", "fit_embeddings", "is_adapter_dir", "load_model",
     "load_model_and_tokenizer", "load_tokenizer", "prepare_embedded_smollm2", "require_4bit_support",
-    "resolve_model_dir", "snapshot_hub_model", "torch_dtype",
+    "resolve_model_dir", "snapshot_hub_model", "torch_dtype", "training_dtype",
 ]

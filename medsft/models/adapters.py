@@ -188,8 +188,8 @@ def apply_peft(model: PreTrainedModel, peft_cfg: Any, gradient_checkpointing: bo
     upcast = not is_deepspeed_zero3_enabled() or getattr(model, "is_loaded_in_4bit", False)
     peft_model = get_peft_model(model, lora_config(peft_cfg), autocast_adapter_dtype=upcast)
     if upcast:
-        # peft upcasts the adapter; `modules_to_save` are copies of the base's modules, bf16 with model.dtype=bfloat16.
-        # AdamW needs fp32 master weights for everything it steps.
+        # peft upcasts the adapter; `modules_to_save` are copies of (possibly bf16) base modules. AdamW needs fp32
+        # master weights for everything it steps.
         for param in peft_model.parameters():
             if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
                 param.data = param.data.float()

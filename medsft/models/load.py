@@ -64,6 +64,19 @@ def torch_dtype(name: str, inference_device: Optional[torch.device] = None) -> t
     return torch.bfloat16 if cpu_bf16_flags() else torch.float32
 
 
+def training_dtype(name: str, peft_cfg: Any = None, mixed_precision: str = "no", sharded: bool = False) -> torch.dtype:
+    """`model.dtype` for training. "auto" is float32 (the master weights mixed precision trains), except for a
+    frozen base under an unquantised adapter (peft.enabled) in bf16 mixed precision on one process or DDP: that
+    base is bfloat16, as TRL, LLaMA-Factory and axolotl load it. Nothing updates it, so an fp32 copy buys nothing:
+    bf16 halves its memory and spares autocast a cast of every weight at every forward; the adapter (and
+    `peft.modules_to_save`) stay fp32 (medsft.models.adapters.apply_peft). `sharded` (DeepSpeed, FSDP2): float32,
+    their engines hold the master weights and want one dtype."""
+    if name != "auto":
+        return torch_dtype(name)
+    adapter = bool(peft_cfg is not None and peft_cfg.enabled and not peft_cfg.load_in_4bit)
+    return torch.bfloat16 if adapter and mixed_precision == "bf16" and not sharded else torch.float32
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

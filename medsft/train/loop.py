@@ -32,7 +32,7 @@ from medsft.data.mixture import data_record
 from medsft.data.order import DataOrder, StepPlan
 from medsft.data.render import ensure_chat_template
 from medsft.errors import DataError, TrainingDiverged
-from medsft.models import apply_peft, load_model, load_tokenizer, torch_dtype
+from medsft.models import apply_peft, load_model, load_tokenizer, training_dtype
 from medsft.outputs import MetricsFile
 from medsft.plots import plot_curves
 from medsft.runtime.accelerator import (build_accelerator, describe_mixed_precision, loss_scale_for,
@@ -110,7 +110,12 @@ def setup(cfg: DictConfig, run_dir: Path) -> RunContext:
     plan = order.plan(cfg.train.train_bsz_per_gpu, cfg.train.gradient_accumulation_steps, accelerator.num_processes,
                       cfg.train.n_epochs, cfg.train.max_steps)
 
-    dtype = torch_dtype(cfg.model.dtype)  # "auto": fp32 master weights; mixed precision does the rest
+    # "auto": fp32 master weights (mixed precision does the rest); a frozen base under LoRA in bf16: bf16
+    dtype = training_dtype(cfg.model.dtype, cfg.peft, accelerator.mixed_precision,
+                           sharded=bool(cfg.deepspeed.enabled or cfg.fsdp.enabled))
+    if dtype == torch.bfloat16 and cfg.model.dtype == "auto" and cfg.peft.enabled:
+        log.info("frozen base model in bf16 (model.dtype=auto, peft=%s, bf16 mixed precision), the adapter in fp32; "
+                 "model.dtype=float32 keeps an fp32 base", cfg.peft.name)
     # embeddings grow for the tokens the template added; peft.load_in_4bit: a 4-bit base (QLoRA)
     model = load_model(cfg.model, dtype=dtype, tokenizer=tokenizer, peft_cfg=cfg.peft)
     if cfg.model.gradient_checkpointing:
