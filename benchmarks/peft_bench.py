@@ -9,7 +9,11 @@ and checkpoint size, side by side in one invocation on the same data, steps and 
 
 Each configuration runs in its own subprocess (so peak RSS is that configuration's alone) through medsft's own
 training loop (`medsft.train.loop.setup` + `optimizer_step`, then `save` for the checkpoint), from the same
-initial weights, examples (data/demo_data.json, same seed and order), micro-batch and optimizer settings:
+initial weights, examples (data/demo_data.json, same seed and order), micro-batch and optimizer settings,
+gradient checkpointing on (LoRA's memory saving is in the weights' gradients and optimizer state; without
+recomputation the activations, the same for every configuration, dominate at this shape: --no-gradient-checkpointing
+measures that too) and medsft's defaults otherwise (on CPU, train.cpu_malloc_mmap_threshold_mb=4, so that freed
+activations leave the resident set and the peak measures what training holds, not what glibc's heap kept):
 
   full       peft=none: every parameter trains
   lora_r16   peft=lora peft.r=16 peft.alpha=32 (all linear layers of the decoder)
@@ -64,8 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--work-dir", default=None, help="models, checkpoints (default: a temp dir)")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                   help="keep every activation (default: recompute them, as LoRA users train)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override for every configuration (e.g. model.gradient_checkpointing=true)")
+                   help="a config override for every configuration (e.g. train.cpu_malloc_mmap_threshold_mb=0)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one configuration, in a subprocess
     a = p.parse_args(argv)
     default_configs = "full,lora_r16,lora_r64" + (",qlora_r16" if a.gpu else "")
@@ -97,7 +103,8 @@ def overrides(args, work: Path, name: str) -> list[str]:
         f"experiment_name={name}", f"data.max_seq_len={args.seq}", "data.overlong=truncate", "data.val_ratio=0",
         f"data.cache_dir={work / 'data-cache'}", f"train.train_bsz_per_gpu={args.bsz}",
         "train.gradient_accumulation_steps=1", f"train.max_steps={args.steps}", f"optimizer.learning_rate={args.lr}",
-        "optimizer.warmup_rates=0", "checkpoint.max_ckpts=1", "model.chunked_loss=true", *args.set,
+        "optimizer.warmup_rates=0", "checkpoint.max_ckpts=1", "model.chunked_loss=true",
+        f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}", *args.set,
     ]
 
 
@@ -170,7 +177,8 @@ def worker(args, name: str, work: Path) -> dict:
         "loss_first": losses[0], "loss_last": losses[-1],
         "peak_rss_mb": round(peak_mb, 1), "rss_start_mb": round(rss_start, 1),
         "load_peak_rss_mb": round(load_peak_mb, 1), "process_peak_rss_mb": round(process_peak_mb, 1),
-        "peak_rss_is_training_only": reset,
+        "peak_rss_is_training_only": reset, "gradient_checkpointing": bool(ctx.cfg.model.gradient_checkpointing),
+        "cpu_malloc_mmap_threshold_mb": ctx.cfg.train.cpu_malloc_mmap_threshold_mb,
         "peak_cuda_mb": None if cuda_mb is None else round(cuda_mb, 1),
         "peak_mb": round(cuda_mb if cuda_mb is not None else peak_mb, 1),
         "checkpoint_mb": round(sum(p.stat().st_size for p in files) / 2**20, 3),
@@ -184,6 +192,7 @@ def run_config(args, name: str, work: Path) -> dict:
             "--steps", str(args.steps), "--seq", str(args.seq), "--bsz", str(args.bsz), "--lr", str(args.lr)]
     argv += (["--smoke"] if args.smoke else []) + (["--gpu"] if args.gpu else [])
     argv += ["--threads", str(args.threads)] if args.threads else []
+    argv += [] if args.gradient_checkpointing else ["--no-gradient-checkpointing"]
     argv += [f"--set={override}" for override in args.set]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)

@@ -150,7 +150,6 @@ def test_lora_in_bf16_keeps_a_bf16_frozen_base_and_fp32_master_weights(tmp_path,
         stepped = [p for group in ctx.optimizer.param_groups for p in group["params"]]
         assert stepped and all(p.dtype == torch.float32 for p in stepped)
         before = {n: p.detach().clone() for n, p in frozen.items()}
-        window = MetricWindow()
         losses = []
         for group in ctx.order.step_groups(ctx.plan, 0, 0)[:4]:
             window = MetricWindow()

@@ -46,6 +46,7 @@ from train_utils import ROOT, launch, tiny_overrides, train_in_process
     ("generation_check.num_questions=-1", "generation_check.num_questions=-1 must be >= 1"),
     ("generation_check.max_new_tokens=0", "generation_check.max_new_tokens=0 must be >= 1"),
     ("train.max_consecutive_skips=0", "train.max_consecutive_skips=0 must be >= 1"),
+    ("train.cpu_malloc_mmap_threshold_mb=64", "train.cpu_malloc_mmap_threshold_mb=64 must be in [0, 32]"),
     ("checkpoint.eval_limit=-5", "checkpoint.eval_limit=-5 must be >= 0"),
     ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
     ("launcher.main_process_port=70000", "launcher.main_process_port=70000 must be in [0, 65535]"),

@@ -39,6 +39,7 @@ SFT_RANGES: dict[str, tuple[Optional[float], bool, Optional[float], bool, str]] 
     "train.max_steps": (0, True, None, True, "0 = train.n_epochs over the data"),
     "train.max_consecutive_skips": (1, True, None, True, ""),
     "train.eval_every_n_steps": (0, True, None, True, "0 = only at the end"),
+    "train.cpu_malloc_mmap_threshold_mb": (0, True, 32, True, "0 = glibc's dynamic threshold; glibc's ceiling is 32 MiB"),
     "checkpoint.every_n_steps": (0, True, None, True, "0 = only at epoch ends"),
     "checkpoint.eval_limit": (0, True, None, True, "0 = every question"),
     "checkpoint.eval_max_new_tokens": (1, True, None, True, ""),

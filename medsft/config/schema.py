@@ -105,6 +105,7 @@ class TrainConfig:
     mixed_precision: str = MISSING
     max_consecutive_skips: int = MISSING
     eval_every_n_steps: int = MISSING
+    cpu_malloc_mmap_threshold_mb: int = MISSING
 
 
 @dataclass

@@ -37,6 +37,7 @@ from medsft.outputs import MetricsFile
 from medsft.plots import plot_curves
 from medsft.runtime.accelerator import (build_accelerator, describe_mixed_precision, loss_scale_for,
                                         micro_batch_sync, prepare_model_and_optimizer)
+from medsft.runtime.allocator import set_cpu_malloc_policy
 from medsft.runtime.deepspeed import deepspeed_step_applied, nonfinite_backward_loss
 from medsft.runtime.quiet import quiet_checkpoint_save
 from medsft.testing import faults  # TEST-ONLY fault injection hooks, inert unless $MEDSFT_TEST_FAULTS is set
@@ -99,6 +100,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> RunContext:
     checkpoint_eval = prepare_checkpoint_eval(cfg)  # checkpoint.eval_benchmark resolved now, not at a checkpoint
     log.info("processes: %d, device: %s, mixed precision: %s", accelerator.num_processes, accelerator.device,
              describe_mixed_precision(cfg, accelerator.device.type == "cpu"))
+    # before the data and the model load, so that their buffers follow it too
+    log.info("allocator: %s", set_cpu_malloc_policy(cfg.train.cpu_malloc_mmap_threshold_mb, accelerator.device.type))
 
     tokenizer = load_tokenizer(cfg.model)
     ensure_chat_template(tokenizer)

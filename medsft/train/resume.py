@@ -57,6 +57,7 @@ IGNORED_CONFIG_KEYS = (
     "resume", "checkpoint", "logging", "launcher", "generation_check", "sweep",
     "model.name", "model.cache_dir", "data.name", "data.path", "data.format", "data.file_type", "data.val_path",
     "data.cache_dir", "data.num_workers", "data.num_proc", "train.eval_every_n_steps", "train.max_consecutive_skips",
+    "train.cpu_malloc_mmap_threshold_mb",
 )
 
 

@@ -1,0 +1,70 @@
+"""train.cpu_malloc_mmap_threshold_mb (medsft/runtime/allocator.py): on CPU, freed activations go back to the system.
+
+Each case runs in a fresh interpreter: glibc's threshold is process-wide and, once fixed, stays fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from medsft.runtime.allocator import set_cpu_malloc_policy
+from train_utils import ROOT
+
+glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                reason="glibc's malloc only")
+
+# What a forward/backward does to the heap, in small: one large freed tensor raises glibc's dynamic threshold;
+# then 100 activation-sized tensors (5 MiB) interleaved with small ones that stay; the large ones are freed.
+PROBE = textwrap.dedent("""
+    import json, sys, torch
+    from medsft.runtime.allocator import set_cpu_malloc_policy
+    def rss_mb():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+    said = set_cpu_malloc_policy(int(sys.argv[1]), "cpu")
+    x = torch.ones(6 << 18); del x
+    base = rss_mb()
+    big, small = [], []
+    for _ in range(100):
+        big.append(torch.ones(5 << 18))
+        small.append(torch.ones(1024))
+    peak = rss_mb()
+    del big
+    print(json.dumps({"said": said, "held_mb": peak - base, "retained_mb": rss_mb() - base}))
+""")
+
+
+def _probe(threshold_mb: int, **env) -> dict:
+    environ = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    environ.update(PYTHONPATH=str(ROOT), **env)
+    out = subprocess.run([sys.executable, "-c", PROBE, str(threshold_mb)], env=environ, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@glibc_only
+def test_a_fixed_threshold_returns_freed_activations_and_the_dynamic_one_keeps_them():
+    kept, returned = _probe(0), _probe(4)
+    assert kept["held_mb"] > 450 and returned["held_mb"] > 450  # both really held the 500 MiB
+    assert kept["retained_mb"] > 400, kept  # glibc's default: the freed tensors stay resident
+    assert returned["retained_mb"] < 50, returned
+    assert "fixed at 4 MiB" in returned["said"]
+
+
+@glibc_only
+def test_a_threshold_in_the_environment_wins_and_is_left_alone():
+    result = _probe(4, MALLOC_MMAP_THRESHOLD_="33554432")
+    assert result["said"] == "unchanged: MALLOC_MMAP_THRESHOLD_=33554432 set in the environment"
+    assert result["retained_mb"] > 400  # glibc took the environment's 32 MiB: the 5 MiB tensors stay in the heap
+
+
+def test_nothing_changes_off_the_cpu_or_when_switched_off():
+    assert set_cpu_malloc_policy(4, "cuda") == "unchanged: training runs on cuda"
+    assert "dynamic" in set_cpu_malloc_policy(0, "cpu")
+
