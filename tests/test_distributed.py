@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from medsft.errors import ConfigError
+from medsft.runtime.allocator import glibc_malloc
 from medsft.train import checkpoint as ckpt
 from medsft.outputs import read_records as read_metrics
 from medsft.train.optim import lr_multiplier
@@ -158,7 +158,7 @@ def test_ddp_two_processes_through_the_relaunch(ddp, reference):
     assert ddp["dump"][0]["deepspeed"] is None and ddp["dump"][0]["loss_scale"] == 4.0
     # Rank 0 logs, the other rank only warns; one log file per rank in the run folder.
     assert ddp["out"].count("processes: 2, device: cpu") == 1
-    if platform.libc_ver()[0] == "glibc":  # train.cpu_malloc_mmap_threshold_mb's default, said once
+    if glibc_malloc() is not None:  # train.cpu_malloc_mmap_threshold_mb's default, said once
         assert ddp["out"].count("allocator: glibc mmap threshold fixed at 4 MiB") == 1
     assert (ddp["run"] / "train_rank0.log").is_file() and (ddp["run"] / "train_rank1.log").is_file()
 

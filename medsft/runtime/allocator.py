@@ -23,7 +23,6 @@ allocator (jemalloc or tcmalloc through LD_PRELOAD, musl): nothing is changed, a
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 from typing import Optional
@@ -32,12 +31,13 @@ M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 ENV_VAR = "MALLOC_MMAP_THRESHOLD_"
 
 
-def _glibc() -> Optional[ctypes.CDLL]:
+def glibc_malloc() -> Optional[ctypes.CDLL]:
+    """This process's C library when glibc's malloc serves it (no other libc, no allocator preloaded), else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     if any(name in os.environ.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc")):
         return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = ctypes.CDLL(None)  # the symbols already loaded: glibc's, without a find_library (ldconfig) subprocess
     return libc if hasattr(libc, "mallopt") else None
 
 
@@ -49,7 +49,7 @@ def set_cpu_malloc_policy(threshold_mb: int, device_type: str) -> str:
         return f"unchanged: training runs on {device_type}"
     if os.environ.get(ENV_VAR):
         return f"unchanged: {ENV_VAR}={os.environ[ENV_VAR]} set in the environment"
-    libc = _glibc()
+    libc = glibc_malloc()
     if libc is None:
         return "unchanged: not glibc's malloc (another libc, or an allocator preloaded)"
     if libc.mallopt(M_MMAP_THRESHOLD, int(threshold_mb) << 20) != 1:
